@@ -1,0 +1,50 @@
+# qlnas: `make demo` and `make test` do all set-up first (idempotent), then run.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev rsync openssh-client openssh-server
+SYS_STAMP := $(VENV)/.sys-ok
+VENV_STAMP := $(VENV)/.deps-ok
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(VENV_STAMP)
+
+# System packages FFCV and the cluster tests need; sudo when not root.
+$(SYS_STAMP):
+	@missing=""; for p in $(SYS_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "error: missing system packages:$$missing (run 'apt-get install -y$$missing' as root)" >&2; exit 1; fi; \
+	  echo "installing system packages:$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(VENV_STAMP): $(SYS_STAMP) pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1 numpy numba
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt --no-build-isolation ffcv==1.0.2
+	$(BIN)/python -c "import ffcv, qlnas, ray, optuna, timm"
+	@touch $@
+
+demo: setup
+	$(BIN)/qlnas demo
+
+test: setup
+	$(BIN)/ruff check qlnas tests bench search.py
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/train_step.py
+
+lint: setup
+	$(BIN)/ruff check qlnas tests bench search.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,28 @@
+"""The `qlnas` command line."""
+
+import json
+import subprocess
+import sys
+
+from qlnas.cli import main
+
+
+def test_models_table1_json(capsys):
+    assert main(["models", "--table1", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["model"] for r in rows} >= {"resnet50", "mobilenetv3_large_100",
+                                          "qlnet50_eq5_softball_ds"}
+
+
+def test_models_table_csv(capsys):
+    assert main(["models", "--filter", "qlnet26n_eq4*", "--num-classes", "10",
+                 "--format", "csv"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "model,params_m,gmacs"
+    assert out[1].startswith("qlnet26n_eq4_softball_ds,")
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "qlnas.cli", "models", "--filter",
+                           "qlnet26n_glb_none"], capture_output=True, text=True, check=True)
+    assert "qlnet26n_glb_none" in proc.stdout
