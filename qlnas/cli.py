@@ -16,6 +16,7 @@ COMMANDS = (
     "qlnas.train.cli",
     "qlnas.search.cli",
     "qlnas.symmetry.cli",
+    "qlnas.bench_cli",
     "qlnas.demo",
 )
 
