@@ -1,0 +1,220 @@
+"""`TrainConfig`: the typed training recipe, its YAML form and the shipped recipes."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from qlnas.errors import UserError
+
+OPTIMIZERS = ("sgd", "nesterov", "adamw", "lamb")
+SCHEDULES = ("cosine", "step")
+AMP = ("auto", "bf16", "fp16", "none")
+ON_NAN = ("stop", "rollback")
+DECODERS = ("scaled", "stock")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; validated on construction."""
+
+    model: str = "qlnet26n_eq3_softball_ds"
+    """timm model name (any registered qlnet*, or a timm baseline such as resnet50)."""
+    arch: dict = field(default_factory=dict)
+    """ArchSpec field overrides for qlnet models, e.g. {form: eq4, act: hardball}."""
+    train_data: str | None = None
+    """Train .beton file; None: the embedded digits dataset."""
+    val_data: str | None = None
+    """Validation .beton file; None: the embedded digits dataset."""
+    out: str = "runs/train"
+    """Run folder: checkpoints/, tb/, metrics.csv, config.yaml, run_info.json."""
+    epochs: int = 5
+    """Epochs to train."""
+    batch_size: int = 64
+    """Global batch size (split evenly over the DDP processes)."""
+    lr: float = 0.2
+    """Peak learning rate (after warm-up)."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length in epochs (fractions allowed)."""
+    warmup_lr: float = 1e-4
+    """Learning rate at the start of warm-up."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    schedule: str = "cosine"
+    """cosine or step, updated every iteration."""
+    step_epochs: float = 30.0
+    """Step schedule: epochs between decays."""
+    step_gamma: float = 0.1
+    """Step schedule: decay factor."""
+    optimizer: str = "sgd"
+    """sgd (momentum), nesterov, adamw or lamb (timm's create_optimizer_v2)."""
+    momentum: float = 0.9
+    """Momentum of SGD."""
+    weight_decay: float = 5e-5
+    """Weight decay, never applied to 1-D parameters (norms, biases)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy."""
+    mixup: float = 0.0
+    """Mixup alpha (0: off), timm's Mixup."""
+    cutmix: float = 0.0
+    """CutMix alpha (0: off), timm's Mixup."""
+    ema_decay: float = 0.0
+    """EMA decay of the weights (0: no EMA), timm's ModelEmaV3."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    compile: bool = False
+    """torch.compile the model."""
+    amp: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or none."""
+    channels_last: bool = True
+    """Use the channels_last memory format."""
+    resolution: int = 32
+    """Final train resolution and the validation resolution."""
+    min_resolution: int = 0
+    """Progressive resizing: start resolution (0: fixed resolution)."""
+    ramp_epochs: int = 0
+    """Progressive resizing: epoch by which the final resolution is reached."""
+    decoder: str = "scaled"
+    """Train JPEG decoder: scaled (ours, decodes at the smallest DCT scale) or stock FFCV."""
+    workers: int = 2
+    """Loader threads per process."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    on_nan: str = "stop"
+    """On a non-finite loss or gradient: stop (status diverged) or rollback."""
+    nan_lr_factor: float = 0.5
+    """Rollback: multiply the learning rate by this factor."""
+    max_rollbacks: int = 3
+    """Rollback: give up (diverged) after this many rollbacks."""
+    checkpoint_steps: int = 0
+    """Also write checkpoints/last.pt every N steps (0: only at epoch ends)."""
+    max_steps_per_epoch: int = 0
+    """Cap on steps per epoch (0: the whole epoch); for quick proxies."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
+
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP),
+                              ("on_nan", ON_NAN), ("decoder", DECODERS)):
+            if getattr(self, name) not in choices:
+                raise bad(name, "one of " + ", ".join(choices))
+        for name in ("epochs", "batch_size", "resolution", "workers", "max_rollbacks"):
+            if getattr(self, name) < (0 if name == "max_rollbacks" else 1):
+                raise bad(name, "a positive integer")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "a positive number")
+        for name in ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "mixup", "cutmix",
+                     "grad_clip", "step_epochs", "checkpoint_steps", "max_steps_per_epoch",
+                     "min_resolution", "ramp_epochs"):
+            if getattr(self, name) < 0:
+                raise bad(name, "a number >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise bad("label_smoothing", "a number in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise bad("ema_decay", "a number in [0, 1)")
+        if not 0 < self.nan_lr_factor < 1:
+            raise bad("nan_lr_factor", "a number in (0, 1)")
+        if not isinstance(self.arch, dict):
+            raise bad("arch", "a mapping of ArchSpec fields")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
+        """Build from a mapping; unknown keys and bad values are a UserError naming them."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(known)})")
+        hints = typing.get_type_hints(cls)
+        clean = {}
+        for key, value in data.items():
+            clean[key] = _coerce(key, value, hints[key], source)
+        try:
+            return cls(**clean)
+        except ValueError as exc:
+            raise UserError(f"{source}: {exc}") from None
+
+
+def _coerce(key: str, value: object, hint: object, source: str) -> object:
+    """Check a YAML/CLI value against the field's type (ints may stand for floats)."""
+    args = typing.get_args(hint)
+    types = tuple(a for a in args if a is not type(None)) if args else (hint,)
+    if value is None and type(None) in args:
+        return None
+    for t in types:
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is dict and isinstance(value, dict):
+            return dict(value)
+        if t in (int, str, bool) and type(value) is t:
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in types)
+    raise UserError(f"{source}: {key}={value!r} has the wrong type; expected {names}")
+
+
+# Shipped recipes. "demo": the embedded digits on CPU in a minute or two. "paper": timm's
+# ResNeXt-50 recipe as the paper used it on ImageNet-100.
+RECIPES: dict[str, dict] = {
+    "demo": dict(model="qlnet26n_eq3_softball_ds", epochs=5, batch_size=64, lr=0.2,
+                 warmup_epochs=1.0, resolution=32, weight_decay=5e-5, label_smoothing=0.1),
+    "paper": dict(epochs=50, batch_size=192, lr=0.3, warmup_epochs=5.0, schedule="cosine",
+                  optimizer="sgd", momentum=0.9, weight_decay=1e-4, label_smoothing=0.1,
+                  resolution=224, min_resolution=160, ramp_epochs=40, workers=8,
+                  model="qlnet50_eq3_softball_ds"),
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (for --help and the search-space docs)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file or bad YAML is a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def resolve_config(recipe: str | None = None, config_file: str | None = None,
+                   overrides: dict | None = None) -> TrainConfig:
+    """Recipe defaults, then a YAML file, then explicit overrides (later wins)."""
+    data: dict = {}
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise UserError(f"--recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
+        data.update(RECIPES[recipe])
+    source = "overrides"
+    if config_file is not None:
+        data.update(load_yaml(config_file))
+        source = str(config_file)
+    data.update(overrides or {})
+    return TrainConfig.from_dict(data, source=source)
