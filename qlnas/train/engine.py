@@ -53,6 +53,9 @@ class Parts:
     dist: DistInfo
     on_step: object = None
     """Called after every optimizer step with the Progress (mid-epoch checkpoints)."""
+    should_stop: object = None
+    """Polled on rank 0 (at most every `poll_seconds`): True ends the run as pruned."""
+    poll_seconds: float = 2.0
 
 
 def set_lr(parts: Parts, progress: Progress) -> float:
@@ -75,7 +78,7 @@ def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0
 
     Returns the epoch's metrics; ``nonfinite`` is True when all ranks agreed (one all-reduced
     flag per step) that this step's loss or gradients were not finite. No update is applied
-    then.
+    then. ``stopped`` is True when `should_stop` asked to end the run (same all-reduce).
     """
     parts.train_model.train()
     dist = parts.dist
@@ -87,8 +90,8 @@ def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0
     seen = 0
     grad_norm = torch.zeros(())
     lr = parts.optimizer.param_groups[0]["lr"]
-    nonfinite = False
-    t0 = time.perf_counter()
+    nonfinite = stopped = False
+    t0 = last_poll = time.perf_counter()
     for i, (images, target) in enumerate(loader):
         if i < start_batch:
             continue
@@ -104,9 +107,14 @@ def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0
         parts.scaler.unscale_(parts.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             parts.model.parameters(), parts.grad_clip or math.inf)
-        bad = not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm))
-        if all_reduce_max(float(bad), dist) > 0:
-            nonfinite = True
+        flag = 0.0 if (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)) else 1.0
+        if parts.should_stop is not None and dist.is_primary \
+                and time.perf_counter() - last_poll >= parts.poll_seconds:
+            last_poll = time.perf_counter()
+            flag = max(flag, 2.0 if parts.should_stop() else 0.0)
+        flag = all_reduce_max(flag, dist)
+        if flag > 0:
+            nonfinite, stopped = flag == 1.0, flag == 2.0
             parts.optimizer.zero_grad(set_to_none=True)
             break
         parts.scaler.step(parts.optimizer)
@@ -134,6 +142,7 @@ def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0
         "img_per_sec": float(sums[1]) / elapsed if elapsed > 0 else 0.0,
         "grad_norm": float(grad_norm),
         "nonfinite": nonfinite,
+        "stopped": stopped,
     }
 
 

@@ -35,7 +35,7 @@ from qlnas.train.logs import TBLogger, hparam_values, write_metrics_csv, write_r
 log = logging.getLogger(__name__)
 
 # Status of a run, also its exit code in the CLI.
-EXIT_CODES = {"completed": 0, "diverged": 3}
+EXIT_CODES = {"completed": 0, "diverged": 3, "pruned": 4}
 
 
 def resolve_data(config: TrainConfig) -> tuple[Path, Path]:
@@ -160,24 +160,26 @@ class _Run:
 
 
 def fit(config: TrainConfig, dist: DistInfo | None = None, report=None,
-        resume: bool = False) -> dict:
+        resume: bool = False, should_stop=None) -> dict:
     """Train `config` to the end (or divergence); returns the final metrics and status.
 
     `dist`: the process's place in the job (default: from torchrun's environment, or an
     existing process group such as Ray Train's). `report(metrics)`: called on every rank after
     each epoch (and once at divergence) with identical metrics; the Ray Train worker passes
     ``ray.train.report`` here. `resume`: continue from ``out/checkpoints/last.pt`` if present.
+    `should_stop()`: polled on rank 0 during training; True ends the run as ``pruned`` (the
+    search's pruner asks this way, so a pruned trial ends from inside and frees its workers).
     """
     own_dist = dist is None
     dist = dist or setup_distributed()
     try:
-        return _fit(config, dist, report, resume)
+        return _fit(config, dist, report, resume, should_stop)
     finally:
         if own_dist:
             teardown_distributed(dist)
 
 
-def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool) -> dict:
+def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop) -> dict:
     from qlnas.data import build_train_loader, build_val_loader, resolution_for_epoch
 
     train_path, val_path, num_classes = validate(config, dist.world_size)
@@ -197,6 +199,7 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool) -> dict:
         raise UserError(f"train_data: {train_path} has fewer samples than one batch of "
                         f"{per_rank} per process")
     parts = _make_parts(config, model, dist, num_classes, steps)
+    parts.should_stop = should_stop
     run = _Run(config, dist, model)
     progress = Progress(world_size=dist.world_size)
     last = run.ckpt_dir / "last.pt"
@@ -252,6 +255,9 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report,
         train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
         metrics = train_one_epoch(parts, train_loader, progress, config.max_steps_per_epoch, tb)
+        if metrics.pop("stopped"):
+            log.info("stop requested at step %d (epoch %d)", progress.step, epoch)
+            return "pruned", progress
         if metrics.pop("nonfinite"):
             progress.nan_events += 1
             log.warning("non-finite loss or gradient at step %d (epoch %d)", progress.step + 1,
@@ -294,7 +300,14 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report,
                      row["val_top5"], row["lr"], row["img_per_sec"])
         if report is not None:
             report({**row, "diverged": False})
+        if parts.should_stop is not None and _stop_requested(parts.should_stop, dist):
+            return "pruned", progress
     return "completed", progress
+
+
+def _stop_requested(should_stop, dist: DistInfo) -> bool:
+    """Rank 0 asks; every rank gets the same answer."""
+    return bool(broadcast_object(bool(should_stop()) if dist.is_primary else None, dist))
 
 
 def _rollback(config: TrainConfig, parts: Parts, run: _Run, progress: Progress) -> Progress:
