@@ -1,0 +1,50 @@
+"""`qlnas search`, `qlnas report` and `qlnas tensorboard`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="architecture search with Ray Tune and Optuna")
+    add_search_arguments(p)
+    p.set_defaults(func=run_search_cmd)
+
+    r = sub.add_parser("report", help="leaderboard, Pareto plot and best config of a search")
+    r.add_argument("dir", help="the search folder (--out of qlnas search)")
+    r.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    r.set_defaults(func=run_report_cmd)
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    p.add_argument("--out", default=None, help="search folder (default runs/search-<space>)")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: a running cluster, else a local Ray)")
+
+
+def run_search_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qlnas.search.run import run_search
+    from qlnas.tables import format_rows
+
+    out = Path(args.out or f"runs/search-{Path(args.space).stem}")
+    rows = run_search(args.space, out, resume=args.resume, address=args.address)
+    print(format_rows(rows, "md"))
+    print(f"\nleaderboard: {out / 'leaderboard.md'} (and .csv)")
+    print(f"Pareto plot: {out / 'pareto.png'}")
+    if (out / "best_config.yaml").is_file():
+        print(f"best config: {out / 'best_config.yaml'} (qlnas train --config ...)")
+    print(f"TensorBoard: tensorboard --logdir {out / 'trials'}")
+    return 0
+
+
+def run_report_cmd(args: argparse.Namespace) -> int:
+    from qlnas.search.report import write_report
+    from qlnas.tables import format_rows
+
+    rows = write_report(args.dir)
+    print(format_rows(rows, args.format))
+    return 0

@@ -1,0 +1,139 @@
+"""Search results from the files under a search folder: leaderboard, Pareto plot, best config.
+
+Works at any time (during or after a search, without Ray): every trial keeps
+``trials/<id>/trial.json`` (spec, status, times) and its run folder (metrics.csv, result.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import yaml
+
+from qlnas.errors import UserError
+from qlnas.fileio import atomic_path, atomic_write_text
+from qlnas.tables import format_rows
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("completed", "pruned", "diverged", "errored", "running")
+
+
+def _label(trial: dict) -> str:
+    from qlnas.models.spec import ArchSpec, spec_to_name
+
+    spec = trial.get("spec")
+    if spec:
+        try:
+            return spec_to_name(ArchSpec.from_dict(spec))
+        except ValueError:
+            pass
+    return trial.get("model", "?")
+
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def collect(out: Path) -> list[dict]:
+    """One row per trial, best val top-1 first (completed trials before the others)."""
+    rows = []
+    for path in sorted((out / "trials").glob("*/trial.json")):
+        try:
+            trial = json.loads(path.read_text())
+        except (OSError, ValueError):
+            log.warning("unreadable %s", path)
+            continue
+        history = _history(path.parent / "run")
+        top1 = [float(r["val_top1"]) for r in history if r.get("val_top1")]
+        ended = trial.get("ended")
+        wall = (ended or trial["started"]) - trial["started"]
+        rec = dict(trial.get("params", {}))
+        rows.append({
+            "trial": trial["trial_id"], "model": _label(trial),
+            "params_m": round(trial["params_m"], 3), "gmacs": round(trial["gmacs"], 3),
+            "val_top1": round(max(top1), 4) if top1 else None, "epochs": len(history),
+            "status": trial["status"], "wall_s": round(wall, 1),
+            "recipe": " ".join(f"{k}={_fmt(v)}" for k, v in rec.items()
+                               if k not in ("form", "act", "act_at", "weight_sharing",
+                                            "expansion", "model")),
+        })
+    order = {s: i for i, s in enumerate(STATUSES)}
+    rows.sort(key=lambda r: (order.get(r["status"], 9), -(r["val_top1"] or 0.0)))
+    return rows
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Completed trials not beaten by another on both accuracy (max) and parameters (min)."""
+    done = [r for r in rows if r["status"] == "completed" and r["val_top1"] is not None]
+    front = []
+    for r in done:
+        dominated = any(o["val_top1"] >= r["val_top1"] and o["params_m"] <= r["params_m"]
+                        and (o["val_top1"] > r["val_top1"] or o["params_m"] < r["params_m"])
+                        for o in done)
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: r["params_m"])
+
+
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"completed": "tab:blue", "pruned": "tab:gray", "diverged": "tab:red",
+              "errored": "black", "running": "tab:orange"}
+    for status, color in colors.items():
+        pts = [r for r in rows if r["status"] == status]
+        if pts:
+            ax.scatter([r["params_m"] for r in pts], [r["val_top1"] or 0.0 for r in pts],
+                       c=color, label=f"{status} ({len(pts)})", alpha=0.8)
+    front = pareto_front(rows)
+    if front:
+        ax.plot([r["params_m"] for r in front], [r["val_top1"] for r in front], "-",
+                c="tab:green", label="Pareto front")
+        for r in front:
+            ax.annotate(r["model"], (r["params_m"], r["val_top1"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("best val top-1")
+    ax.set_title(f"{len(rows)} trials: accuracy vs parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: str | Path) -> list[dict]:
+    """Write leaderboard.md/.csv, pareto.png and best_config.yaml; return the rows."""
+    out = Path(out)
+    if not (out / "trials").is_dir():
+        raise UserError(f"{out}: no search results here (no trials/ folder)")
+    rows = collect(out)
+    atomic_write_text(format_rows(rows, "md") + "\n", out / "leaderboard.md")
+    atomic_write_text(format_rows(rows, "csv") + "\n", out / "leaderboard.csv")
+    if rows:
+        plot_pareto(rows, out / "pareto.png")
+    best = next((r for r in rows if r["status"] == "completed"), None)
+    if best is not None:
+        trial = json.loads((out / "trials" / best["trial"] / "trial.json").read_text())
+        config = dict(trial["train_config"], out=f"runs/best-{best['trial']}")
+        text = (f"# Best trial {best['trial']} ({best['model']}, val top-1 "
+                f"{best['val_top1']}) of {out}\n# Train it: qlnas train --config THIS_FILE\n")
+        atomic_write_text(text + yaml.safe_dump(config, sort_keys=False), out / "best_config.yaml")
+    return rows

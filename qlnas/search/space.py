@@ -1,0 +1,330 @@
+"""Search spaces: the typed schema of `search_spaces/*.yaml` and sampling from it.
+
+A space says what Optuna may choose (architecture fields, named models, recipe values, with
+conditions), what stays fixed (model size, data, resolution, epochs, batch), the resources of a
+trial, the objective(s) and the pruning. Sampling is define-by-run, so conditional parameters
+are only sampled where they apply; a space produces `TrainConfig`s, never modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlnas.errors import UserError
+from qlnas.models.spec import ACT_AT, ACTS, FORMS
+from qlnas.train.config import TrainConfig, load_yaml
+
+ARCH_CHOICES: dict[str, tuple] = {
+    "form": FORMS, "act": ACTS, "act_at": ACT_AT, "weight_sharing": (True, False),
+    "expansion": None,  # any integer >= 1
+}
+SEARCHERS = ("tpe", "nsga2", "random", "grid")
+PRUNERS = ("none", "median", "hyperband", "asha")
+METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "params_m", "gmacs",
+           "img_per_sec")
+DISTRIBUTIONS = ("uniform", "loguniform", "int")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One sampled value: categorical `choices`, or a `kind` range [low, high]."""
+
+    name: str
+    choices: tuple | None = None
+    kind: str | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def suggest(self, trial) -> object:
+        """Ask an Optuna trial (define-by-run) for this parameter."""
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high))
+        return trial.suggest_float(self.name, self.low, self.high, log=self.kind == "loguniform")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """When every `when` parameter has one of its listed values, `set` fixes others."""
+
+    when: dict
+    set: dict
+
+    def holds(self, values: dict) -> bool:
+        return all(values.get(k) in v for k, v in self.when.items())
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "val_top1"
+    """Reported metric to optimise."""
+    mode: str = "max"
+    """max or min."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers_per_trial: int = 2
+    """DDP workers (Ray Train workers) per trial."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker."""
+    gpus_per_worker: int = 0
+    """GPUs per worker (0: CPU training with gloo)."""
+    max_concurrent_trials: int = 0
+    """Upper bound on trials at once (0: as many as the cluster's resources allow)."""
+    max_failures: int = 1
+    """Restarts of a trial whose worker crashed (from its last checkpoint)."""
+
+
+@dataclass(frozen=True)
+class Pruning:
+    pruner: str = "none"
+    """Early stopping of poor trials: none, median, hyperband (Optuna pruners) or asha."""
+    grace_epochs: int = 1
+    """No trial is pruned before it has run this many epochs."""
+    reduction_factor: int = 3
+    """Hyperband/ASHA reduction factor."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    name: str
+    num_trials: int
+    searcher: str
+    seed: int
+    objectives: tuple[Objective, ...]
+    params: tuple[Param, ...]
+    """Sampled parameters in sampling order (architecture, models, then recipe)."""
+    fixed: dict
+    """TrainConfig fields shared by every trial."""
+    fixed_arch: dict
+    """ArchSpec fields shared by every trial."""
+    conditions: tuple[Condition, ...]
+    resources: Resources = field(default_factory=Resources)
+    pruning: Pruning = field(default_factory=Pruning)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def sample(self, trial) -> dict:
+        """Define-by-run: the parameters of one trial (conditional ones only where they apply).
+
+        Built-in condition: act none <-> act_at none.
+        """
+        values: dict = {}
+        for param in self.params:
+            fixed = self._fixed_by_condition(param.name, values)
+            if fixed is not _UNSET:
+                values[param.name] = fixed
+                continue
+            values[param.name] = param.suggest(trial)
+        return values
+
+    def _fixed_by_condition(self, name: str, values: dict) -> object:
+        for cond in self.conditions:
+            if name in cond.set and cond.holds(values):
+                return cond.set[name]
+        act = values.get("act", self.fixed_arch.get("act"))
+        if name == "act_at" and act == "none":
+            return "none"
+        return _UNSET
+
+    def train_config(self, values: dict, out: str) -> TrainConfig:
+        """The TrainConfig of one trial."""
+        data = dict(self.fixed)
+        arch = dict(self.fixed_arch)
+        for key, value in values.items():
+            if key == "model":
+                data["model"] = value
+            elif key in ARCH_CHOICES:
+                arch[key] = value
+            else:
+                data[key] = value
+        if arch.get("act") is not None and arch.get("act") != "none" \
+                and arch.get("act_at") in (None, "none"):
+            arch["act_at"] = "ds"
+        if arch.get("act") == "none":
+            arch["act_at"] = "none"
+        data["arch"] = arch
+        data["out"] = out
+        return TrainConfig.from_dict(data, source=self.path)
+
+    def grid(self) -> dict[str, list]:
+        """The categorical grid of a `grid` searcher."""
+        return {p.name: list(p.choices) for p in self.params}
+
+
+_UNSET = object()
+_TOP_KEYS = ("name", "data", "fixed", "arch", "models", "recipe", "conditions", "search",
+             "pruning", "resources")
+
+
+class _Checker:
+    """Error messages that name the file and the key path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, msg: str) -> UserError:
+        return UserError(f"{self.path}: {key}: {msg}")
+
+    def mapping(self, value: object, key: str, allowed: tuple | None = None) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        if allowed is not None:
+            for k in value:
+                if k not in allowed:
+                    raise self.fail(f"{key}.{k}", f"unknown key (known: {', '.join(allowed)})")
+        return value
+
+    def dataclass(self, cls: type, value: object, key: str):
+        data = self.mapping(value, key, tuple(f.name for f in dataclasses.fields(cls)))
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                expected = type(getattr(cls(), f.name))
+                v = data[f.name]
+                if type(v) is not expected:
+                    raise self.fail(f"{key}.{f.name}", f"{v!r} has the wrong type; expected "
+                                    f"{expected.__name__}")
+        return cls(**data)
+
+    def choices(self, value: object, key: str, allowed: tuple | None) -> tuple:
+        if not isinstance(value, list):
+            value = [value]
+        if not value:
+            raise self.fail(key, "empty list of choices")
+        for v in value:
+            if allowed is not None and v not in allowed:
+                raise self.fail(key, f"{v!r} is not allowed (allowed: "
+                                f"{', '.join(map(str, allowed))})")
+            if allowed is None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise self.fail(key, f"{v!r}: expected an integer >= 1")
+        if len(set(map(repr, value))) != len(value):
+            raise self.fail(key, "duplicate choices")
+        return tuple(value)
+
+    def distribution(self, value: object, key: str) -> Param:
+        name = key.split(".")[-1]
+        if isinstance(value, list):
+            return Param(name, choices=self.choices(value, key, tuple(value) or None))
+        spec = self.mapping(value, key, DISTRIBUTIONS)
+        if len(spec) != 1:
+            raise self.fail(key, f"expected a list of choices or one of {DISTRIBUTIONS}")
+        kind, bounds = next(iter(spec.items()))
+        if not (isinstance(bounds, list) and len(bounds) == 2
+                and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)):
+            raise self.fail(f"{key}.{kind}", "expected [low, high]")
+        low, high = float(bounds[0]), float(bounds[1])
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise self.fail(f"{key}.{kind}", f"expected low < high, got [{low}, {high}]")
+        if kind == "loguniform" and low <= 0:
+            raise self.fail(f"{key}.{kind}", "loguniform needs low > 0")
+        return Param(name, kind=kind, low=low, high=high)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML (errors name the file and the key)."""
+    path = Path(path)
+    raw = load_yaml(path)
+    c = _Checker(str(path))
+    c.mapping(raw, "(top level)", _TOP_KEYS)
+    fixed = dict(c.mapping(raw.get("fixed"), "fixed"))
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in fixed:
+        if k not in train_fields or k in ("arch", "out"):
+            raise c.fail(f"fixed.{k}", "unknown training setting")
+    data = c.mapping(raw.get("data"), "data", ("train", "val"))
+    if data.get("train") is not None:
+        fixed["train_data"] = str(data["train"])
+    if data.get("val") is not None:
+        fixed["val_data"] = str(data["val"])
+
+    params: list[Param] = []
+    fixed_arch: dict = {}
+    for k, v in c.mapping(raw.get("arch"), "arch", tuple(ARCH_CHOICES)).items():
+        allowed = ARCH_CHOICES[k]
+        if isinstance(v, list):
+            params.append(Param(k, choices=c.choices(v, f"arch.{k}", allowed)))
+        else:
+            fixed_arch[k] = c.choices(v, f"arch.{k}", allowed)[0]
+    if raw.get("models") is not None:
+        import timm
+
+        models = raw["models"] if isinstance(raw["models"], list) else [raw["models"]]
+        names = c.choices(models, "models", tuple(models))
+        for n in names:
+            if not timm.is_model(n):
+                raise c.fail("models", f"unknown model {n!r}")
+        params.append(Param("model", choices=names))
+    for k, v in c.mapping(raw.get("recipe"), "recipe").items():
+        if k not in train_fields or k in ("arch", "out", "model"):
+            raise c.fail(f"recipe.{k}", "unknown training setting")
+        params.append(c.distribution(v, f"recipe.{k}"))
+
+    conditions = []
+    raw_conditions = raw.get("conditions") or []
+    if not isinstance(raw_conditions, list):
+        raise c.fail("conditions", "expected a list of {when, set}")
+    names = {p.name for p in params}
+    for i, cond in enumerate(raw_conditions):
+        cond = c.mapping(cond, f"conditions[{i}]", ("when", "set"))
+        when = c.mapping(cond.get("when"), f"conditions[{i}].when")
+        sets = c.mapping(cond.get("set"), f"conditions[{i}].set")
+        for k in list(when) + list(sets):
+            if k not in names:
+                raise c.fail(f"conditions[{i}]", f"{k!r} is not a sampled parameter")
+        conditions.append(Condition({k: v if isinstance(v, list) else [v]
+                                     for k, v in when.items()}, sets))
+
+    search = c.mapping(raw.get("search"), "search",
+                       ("num_trials", "searcher", "seed", "objectives"))
+    num_trials = search.get("num_trials", 8)
+    if not isinstance(num_trials, int) or num_trials < 1:
+        raise c.fail("search.num_trials", f"{num_trials!r}: expected an integer >= 1")
+    searcher = search.get("searcher", "tpe")
+    if searcher not in SEARCHERS:
+        raise c.fail("search.searcher", f"{searcher!r}: expected one of {', '.join(SEARCHERS)}")
+    seed = search.get("seed", 0)
+    if not isinstance(seed, int):
+        raise c.fail("search.seed", f"{seed!r}: expected an integer")
+    objectives = []
+    for i, o in enumerate(search.get("objectives") or [{"metric": "val_top1", "mode": "max"}]):
+        obj = c.dataclass(Objective, o, f"search.objectives[{i}]")
+        if obj.metric not in METRICS:
+            raise c.fail(f"search.objectives[{i}].metric",
+                         f"{obj.metric!r}: expected one of {', '.join(METRICS)}")
+        if obj.mode not in ("max", "min"):
+            raise c.fail(f"search.objectives[{i}].mode", f"{obj.mode!r}: expected max or min")
+        objectives.append(obj)
+    if not 1 <= len(objectives) <= 2:
+        raise c.fail("search.objectives", "expected one or two objectives")
+    if not params:
+        raise c.fail("arch", "nothing to search: no list of choices in arch, models or recipe")
+    if searcher == "grid" and any(p.choices is None for p in params):
+        raise c.fail("search.searcher", "grid needs categorical choices only")
+    resources = c.dataclass(Resources, raw.get("resources"), "resources")
+    if resources.workers_per_trial < 1 or resources.cpus_per_worker < 0 \
+            or resources.gpus_per_worker < 0:
+        raise c.fail("resources", "workers_per_trial >= 1 and non-negative CPUs/GPUs expected")
+    pruning = c.dataclass(Pruning, raw.get("pruning"), "pruning")
+    if pruning.pruner not in PRUNERS:
+        raise c.fail("pruning.pruner", f"{pruning.pruner!r}: expected one of "
+                     f"{', '.join(PRUNERS)}")
+    if len(objectives) > 1 and pruning.pruner in ("median", "hyperband"):
+        raise c.fail("pruning.pruner", "Optuna pruners need a single objective; use asha")
+    space = SearchSpace(path=str(path), name=str(raw.get("name") or path.stem),
+                        num_trials=num_trials, searcher=searcher, seed=seed,
+                        objectives=tuple(objectives), params=tuple(params), fixed=fixed,
+                        fixed_arch=fixed_arch, conditions=tuple(conditions),
+                        resources=resources, pruning=pruning)
+    space.train_config({p.name: (p.choices[0] if p.choices else p.low) for p in params},
+                       out="check")  # fixed settings must make a valid TrainConfig
+    return space
