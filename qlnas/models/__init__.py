@@ -1,5 +1,6 @@
 """The QL-ConvNet family: specs, layers, blocks, the builder and timm registration."""
 
+from qlnas.models.fuse import fuse
 from qlnas.models.layers import DepthwiseConv3x3, HardBall, SoftBall, create_act
 from qlnas.models.net import QLNet, build_model
 from qlnas.models.registry import REGISTERED
@@ -7,5 +8,5 @@ from qlnas.models.spec import SIZES, VARIANTS, ArchSpec, name_to_spec, spec_to_n
 
 __all__ = [
     "REGISTERED", "SIZES", "VARIANTS", "ArchSpec", "DepthwiseConv3x3", "HardBall", "QLNet",
-    "SoftBall", "build_model", "create_act", "name_to_spec", "spec_to_name",
+    "SoftBall", "build_model", "create_act", "fuse", "name_to_spec", "spec_to_name",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlnas.models.layers import DepthwiseConv3x3, create_act
+from qlnas.models.layers import DepthwiseConv3x3, conv_mul, create_act
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -57,6 +57,12 @@ class QLBlock(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.act(self.shortcut(u) + self.residual(u))
 
+    def dw_times(self, u: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """bn_dw(dw(u)) * other; one fused op at CPU inference once BN is folded (`fuse`)."""
+        if isinstance(self.bn_dw, nn.Identity):
+            return conv_mul(self.dw, u, other)
+        return self.bn_dw(self.dw(u)) * other
+
 
 class Eq3Block(QLBlock):
     """F(u) = A( dw(u) * C(u) ), C: n -> k n, A: k n -> m."""
@@ -72,7 +78,7 @@ class Eq3Block(QLBlock):
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        return self.bn_out(self.proj(self.bn_dw(self.dw(u)) * self.coef(u)))
+        return self.bn_out(self.proj(self.dw_times(u, self.coef(u))))
 
 
 class Eq4Block(QLBlock):
@@ -89,7 +95,7 @@ class Eq4Block(QLBlock):
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        return self.bn_out(self.coef(u) * self.proj(self.bn_dw(self.dw(u))))
+        return self.bn_out(conv_mul(self.proj, self.bn_dw(self.dw(u)), self.coef(u)))
 
 
 class Eq5Block(QLBlock):
@@ -111,7 +117,7 @@ class Eq5Block(QLBlock):
         return self.bn_dw
 
     def residual(self, u):
-        p = self.bn_dw(self.dw(u)) * self.coef(u)
+        p = self.dw_times(u, self.coef(u))
         b, c, h, w = p.shape
         return p.reshape(b, self.m, c // self.m, h, w).sum(2)
 
@@ -130,7 +136,7 @@ class Eq6Block(QLBlock):
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        return self.bn_out(self.proj(self.bn_dw(self.dw(u * self.coef(u)))))
+        return self.bn_out(self.proj(self.bn_dw(self.dw(conv_mul(self.coef, u, u)))))
 
 
 class Eq7Block(QLBlock):
