@@ -1,0 +1,292 @@
+"""A random-resized-crop decoder that decodes only what the crop needs.
+
+FFCV's decoder turns each JPEG into full-size pixels and then crops. This one
+1. cuts the crop's MCU rows and restart segments out of the entropy-coded data (the writer puts
+   a restart marker every few MCUs, so segments are independent; a byte copy, no decoding), and
+2. decodes that smaller JPEG at the coarsest DCT scale (1/8, 1/4, 1/2, 1) whose crop still covers
+   the output size (libjpeg-turbo scales inside the inverse DCT).
+JPEGs without restart markers (or progressive ones) take step 2 alone on the whole image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+from ffcv.fields.rgb_image import (
+    IMAGE_MODES,
+    SimpleRGBImageDecoder,
+    get_center_crop,
+    get_random_crop,
+)
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.state import State
+from numba import njit
+
+SCALES = (8, 4, 2, 1)  # DCT scale denominators, coarsest first
+MIN_MCU = 16  # the segment table is sized for MCUs of at least 16x16 (4:2:0); else fallback
+# parse_jpeg's info slots
+SOF, DATA, INTERVAL, MCU_W, MCU_H, HEIGHT, WIDTH = range(7)
+
+
+@njit(nogil=True, cache=True)
+def parse_jpeg(data: np.ndarray, info: np.ndarray) -> bool:
+    """Read a baseline JPEG's header into `info`; False for formats the segment cut cannot use."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return False
+    pos = 2
+    info[SOF] = -1
+    info[INTERVAL] = 0
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = (np.int64(data[pos + 2]) << 8) | np.int64(data[pos + 3])
+        if marker == 0xC0 or marker == 0xC1:  # baseline / extended sequential Huffman
+            if pos + 10 > n:
+                return False
+            info[SOF] = pos
+            info[HEIGHT] = (np.int64(data[pos + 5]) << 8) | np.int64(data[pos + 6])
+            info[WIDTH] = (np.int64(data[pos + 7]) << 8) | np.int64(data[pos + 8])
+            ncomp = np.int64(data[pos + 9])
+            hmax = 1
+            vmax = 1
+            if ncomp > 1:
+                for c in range(ncomp):
+                    factors = np.int64(data[pos + 11 + 3 * c])
+                    hmax = max(hmax, factors >> 4)
+                    vmax = max(vmax, factors & 15)
+            info[MCU_W] = 8 * hmax
+            info[MCU_H] = 8 * vmax
+        elif 0xC2 <= marker <= 0xCF and marker != 0xC4 and marker != 0xC8 and marker != 0xCC:
+            return False  # progressive, lossless or arithmetic coding
+        elif marker == 0xDD:
+            info[INTERVAL] = (np.int64(data[pos + 4]) << 8) | np.int64(data[pos + 5])
+        elif marker == 0xDA:
+            info[DATA] = pos + 2 + length
+            return info[SOF] >= 0 and info[INTERVAL] > 0
+        pos += 2 + length
+    return False
+
+
+@njit(nogil=True, cache=True)
+def find_segments(data: np.ndarray, start: int, last: int, starts: np.ndarray) -> int:
+    """Entropy-data offsets of restart segments 0..last (`starts[s]`; segment s ends 2 bytes
+    before `starts[s + 1]`). Returns how many segments were found (stops after `last`)."""
+    n = len(data)
+    s = 0
+    starts[0] = start
+    i = start
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        b = data[i + 1]
+        if b == 0x00:  # stuffed 0xFF data byte
+            i += 2
+        elif b == 0xFF:  # fill byte before a marker
+            i += 1
+        elif 0xD0 <= b <= 0xD7:  # restart marker: next segment
+            s += 1
+            if s >= len(starts):
+                return 0
+            starts[s] = i + 2
+            if s > last:
+                return s
+            i += 2
+        else:  # end of image (or another marker): the last segment ends here
+            if s + 1 >= len(starts):
+                return 0
+            starts[s + 1] = i + 2
+            return s + 1
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def cut_region(data: np.ndarray, info: np.ndarray, starts: np.ndarray, out: np.ndarray,
+               i: int, j: int, h: int, w: int, region: np.ndarray) -> int:
+    """Write to `out` a JPEG of the MCU rows and restart segments covering rows i..i+h and
+    columns j..j+w; `region` gets its (y0, x0, height, width). Returns its size, 0 if unusable."""
+    height = info[HEIGHT]
+    width = info[WIDTH]
+    mcu_w = info[MCU_W]
+    mcu_h = info[MCU_H]
+    interval = info[INTERVAL]
+    mcus_x = (width + mcu_w - 1) // mcu_w
+    mcus_y = (height + mcu_h - 1) // mcu_h
+    if mcus_x % interval != 0:
+        return 0  # segments do not tile the rows
+    per_row = mcus_x // interval
+    seg_w = interval * mcu_w
+    r0 = i // mcu_h
+    r1 = min(mcus_y, (i + h + mcu_h - 1) // mcu_h)
+    c0 = j // seg_w
+    c1 = min(per_row, (j + w + seg_w - 1) // seg_w)
+    last = (r1 - 1) * per_row + c1 - 1
+    found = find_segments(data, info[DATA], last, starts)
+    if found <= last:
+        return 0
+    y0 = r0 * mcu_h
+    x0 = c0 * seg_w
+    new_h = min(height - y0, (r1 - r0) * mcu_h)
+    new_w = min(width - x0, (c1 - c0) * seg_w)
+    head = info[DATA]
+    if head + 2 > len(out):
+        return 0
+    out[:head] = data[:head]
+    sof = info[SOF]
+    out[sof + 5] = new_h >> 8
+    out[sof + 6] = new_h & 255
+    out[sof + 7] = new_w >> 8
+    out[sof + 8] = new_w & 255
+    p = head
+    m = 0
+    for r in range(r0, r1):
+        for c in range(c0, c1):
+            s = r * per_row + c
+            a = starts[s]
+            b = starts[s + 1] - 2
+            if p + (b - a) + 4 > len(out):
+                return 0
+            if m > 0:
+                out[p] = 0xFF
+                out[p + 1] = 0xD0 + ((m - 1) & 7)
+                p += 2
+            out[p:p + b - a] = data[a:b]
+            p += b - a
+            m += 1
+    out[p] = 0xFF
+    out[p + 1] = 0xD9
+    region[0] = y0
+    region[1] = x0
+    region[2] = new_h
+    region[3] = new_w
+    return p + 2
+
+
+@njit(nogil=True, cache=True)
+def coarsest_scale(h: int, w: int, out_h: int, out_w: int) -> int:
+    """The largest DCT scale denominator at which an h x w crop still covers out_h x out_w."""
+    for d in SCALES:
+        if h >= d * out_h and w >= d * out_w:
+            return d
+    return 1
+
+
+class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
+    """Crop-and-resize decoder for `RGBImageField` that decodes as little of each JPEG as the
+    crop needs. Subclasses choose the crop (`get_crop`).
+
+    It subclasses FFCV's default image decoder because FFCV recognises a pipeline's decoder
+    by that type."""
+
+    def __init__(self, output_size: tuple[int, int], max_jpeg_bytes: int | None = None,
+                 cut_segments: bool = True) -> None:
+        super().__init__()
+        self.output_size = output_size
+        self.max_jpeg_bytes = max_jpeg_bytes
+        self.cut_segments = cut_segments
+        self.scale: tuple[float, float] | float | None = None
+        self.ratio: tuple[float, float] | float | None = None
+
+    get_crop: Callable
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple]:
+        max_h = int(self.metadata["height"].max())
+        max_w = int(self.metadata["width"].max())
+        out_shape = (self.output_size[0], self.output_size[1], 3)
+        jpeg_bytes = self.max_jpeg_bytes or 3 * max_h * max_w
+        segments = (-(-max_h // MIN_MCU)) * (-(-max_w // MIN_MCU)) + 2
+        u1 = np.dtype("<u1")
+        return (
+            replace(previous_state, jit_mode=True, shape=out_shape, dtype=u1),
+            (AllocationQuery(out_shape, u1),
+             AllocationQuery((3 * max_h * max_w,), u1),  # decoded pixels
+             AllocationQuery((jpeg_bytes + 64,), u1),  # the cut-out JPEG
+             AllocationQuery((segments,), np.dtype("<i8"))),  # restart segment offsets
+        )
+
+    def generate_code(self) -> Callable:
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        get_crop_c = Compiler.compile(type(self).get_crop)
+        scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
+        ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
+        out_h, out_w = self.output_size
+        cut_segments = self.cut_segments
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, pixels, cut_jpegs, seg_starts = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                data = mem_read(field["data_ptr"], storage_state)
+                height = np.int64(field["height"])
+                width = np.int64(field["width"])
+                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                if field["mode"] != jpg:
+                    image = data.reshape(height, width, 3)
+                    resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
+                    continue
+                d = coarsest_scale(h, w, out_h, out_w)
+                info = np.zeros(7, np.int64)
+                region = np.zeros(4, np.int64)
+                size = 0
+                y0, x0, rh, rw = np.int64(0), np.int64(0), height, width
+                if cut_segments and parse_jpeg(data, info):
+                    size = cut_region(data, info, seg_starts[dst_ix], cut_jpegs[dst_ix],
+                                 i, j, h, w, region)
+                status = -1
+                if size > 0:
+                    y0, x0, rh, rw = region[0], region[1], region[2], region[3]
+                    status = imdecode_c(cut_jpegs[dst_ix][:size], pixels[dst_ix], rh, rw,
+                                        rh, rw, 0, 0, 1, d, False, False)
+                if status != 0:  # whole image, scaled
+                    y0, x0, rh, rw = np.int64(0), np.int64(0), height, width
+                    status = imdecode_c(data, pixels[dst_ix], height, width, height, width,
+                                        0, 0, 1, d, False, False)
+                sh = (rh + d - 1) // d
+                sw = (rw + d - 1) // d
+                image = pixels[dst_ix][:3 * sh * sw].reshape(sh, sw, 3)
+                top = min(sh - 1, np.int64(round((i - y0) / d)))
+                left = min(sw - 1, np.int64(round((j - x0) / d)))
+                bottom = max(top + 1, min(sh, np.int64(round((i + h - y0) / d))))
+                right = max(left + 1, min(sw, np.int64(round((j + w - x0) / d))))
+                resize_crop_c(image, top, bottom, left, right, destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class ScaledRandomResizedCropDecoder(ScaledResizedCropDecoder):
+    """Random resized crop (FFCV's and torchvision's distribution), decoded at reduced cost."""
+
+    get_crop = staticmethod(get_random_crop)
+
+    def __init__(self, output_size: tuple[int, int], scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), max_jpeg_bytes: int | None = None,
+                 cut_segments: bool = True) -> None:
+        super().__init__(output_size, max_jpeg_bytes, cut_segments)
+        self.scale = scale
+        self.ratio = ratio
+
+
+class ScaledCenterCropDecoder(ScaledResizedCropDecoder):
+    """Centre crop of side `ratio` x the shorter side, decoded at reduced cost."""
+
+    get_crop = staticmethod(get_center_crop)
+
+    def __init__(self, output_size: tuple[int, int], ratio: float = 224 / 256,
+                 max_jpeg_bytes: int | None = None, cut_segments: bool = True) -> None:
+        super().__init__(output_size, max_jpeg_bytes, cut_segments)
+        self.ratio = ratio

@@ -1,0 +1,75 @@
+"""What is inside a `.beton`: samples, classes, fields and image size statistics."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from ffcv.reader import Reader
+
+from qlnas.data.classes import classes_path, read_classes
+from qlnas.errors import UserError
+
+
+def beton_info(path: str | os.PathLike) -> dict[str, Any]:
+    """A summary of the file (sizes in pixels and bytes)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: dataset file not found")
+    try:
+        reader = Reader(path)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable FFCV file ({exc})") from None
+    info: dict[str, Any] = {
+        "file": path,
+        "bytes": os.path.getsize(path),
+        "samples": int(reader.num_samples),
+        "fields": {name: type(handler).__name__ for name, handler in reader.handlers.items()},
+        "classes": read_classes(path) if classes_path(path).exists() else None,
+    }
+    meta = reader.metadata
+    column = {name: f"f{i}" for i, name in enumerate(reader.handlers)}  # FFCV's field columns
+    if "image" in column and len(meta):
+        image = meta[column["image"]]
+        h, w = image["height"].astype(np.int64), image["width"].astype(np.int64)
+        info["image"] = {
+            "height": _stats(h), "width": _stats(w),
+            "jpeg_fraction": float(np.mean(image["mode"] == 0)),
+            "mean_bytes": float(reader.alloc_table["size"].sum() / max(1, reader.num_samples)),
+        }
+    if "label" in column and len(meta):
+        labels, counts = np.unique(meta[column["label"]], return_counts=True)
+        info["labels"] = {"distinct": int(len(labels)), "min_count": int(counts.min()),
+                          "max_count": int(counts.max())}
+    return info
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    return {"min": int(values.min()), "mean": round(float(values.mean()), 1),
+            "max": int(values.max())}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The summary as aligned text lines."""
+    lines = [f"file:     {info['file']} ({info['bytes'] / 2**20:.1f} MiB)",
+             f"samples:  {info['samples']}",
+             "fields:   " + ", ".join(f"{k} ({v})" for k, v in info["fields"].items())]
+    classes = info["classes"]
+    if classes is None:
+        lines.append("classes:  (no class list beside the file)")
+    else:
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        lines.append(f"classes:  {len(classes)}: {shown}")
+    if "labels" in info:
+        lab = info["labels"]
+        lines.append(f"labels:   {lab['distinct']} distinct, {lab['min_count']}.."
+                     f"{lab['max_count']} samples each")
+    if "image" in info:
+        im = info["image"]
+        for side in ("height", "width"):
+            s = im[side]
+            lines.append(f"{side + ':':9} min {s['min']}, mean {s['mean']}, max {s['max']}")
+        lines.append(f"jpeg:     {im['jpeg_fraction']:.0%} of images, "
+                     f"{im['mean_bytes'] / 1024:.1f} KiB per sample on average")
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""Train and val loaders over `.beton` files: FFCV pipelines behind a small, stable interface.
+
+Each process gets `batch_size` images per batch; with `distributed=True` every rank reads a
+disjoint share of each epoch. The order is a function of (seed, epoch, world size) alone, so a
+resumed run (`set_epoch`) sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.reader import Reader
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from qlnas.data.decoders import ScaledRandomResizedCropDecoder
+from qlnas.errors import UserError
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+VAL_CROP_RATIO = 224 / 256
+DECODERS = ("scaled", "stock")
+
+
+class NormalizeOnDevice(Operation):
+    """uint8 NCHW (channels_last) -> float32 (x - mean) / std, computed on the tensor's device."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def generate_code(self):
+        mean, std = self.mean, self.std
+
+        def normalize(images: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+            out = dst[:images.shape[0]].permute(0, 3, 1, 2)  # NHWC buffer seen as channels_last
+            out.copy_(images)
+            return out.sub_(mean).div_(std)
+
+        return normalize
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        c, h, w = previous_state.shape
+        self.mean = self.mean.to(previous_state.device)
+        self.std = self.std.to(previous_state.device)
+        return (replace(previous_state, dtype=torch.float32),
+                AllocationQuery((h, w, c), torch.float32, previous_state.device))
+
+
+class SeededOrder:
+    """Sample order of an epoch: a permutation seeded by (seed, epoch), then this rank's share.
+
+    Ranks take every world-size-th sample; with `equal_shares` the < world-size samples left
+    over are dropped so every rank runs the same number of steps (training), otherwise each
+    sample is read exactly once over all ranks (evaluation).
+    """
+
+    def __init__(self, num_samples: int, *, shuffle: bool, seed: int, rank: int, world: int,
+                 equal_shares: bool) -> None:
+        self.indices = np.arange(num_samples, dtype=np.uint64)
+        self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world, self.equal_shares = rank, world, equal_shares
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        order = self.indices
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
+        if self.equal_shares:
+            order = order[:len(order) - len(order) % self.world]
+        return order[self.rank::self.world]
+
+
+class ImageLoader:
+    """Iterable of (images float32 NCHW channels_last, labels int64) batches on `device`."""
+
+    def __init__(self, loader: Loader, order: SeededOrder, decoder: Any, resolution: int) -> None:
+        self._loader = loader
+        self._decoder = decoder
+        self._resolution = resolution
+        self._stale = False
+        loader.traversal_order = order
+        loader.first_traversal_order = order.sample_order(0)
+        self.num_samples = len(loader.first_traversal_order)  # this rank's samples per epoch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        if self._stale:  # a new output size: FFCV re-plans its buffers and recompiles
+            self._loader.generate_code()
+            self._stale = False
+        return iter(self._loader)
+
+    @property
+    def batch_size(self) -> int:
+        return self._loader.batch_size
+
+    @property
+    def resolution(self) -> int:
+        return self._resolution
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order the next iteration uses."""
+        return self._loader.next_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration use the order of `epoch`."""
+        self._loader.next_epoch = int(epoch)
+
+    def set_resolution(self, resolution: int) -> None:
+        """Output size (pixels per side) from the next iteration on; train loaders only."""
+        if self._decoder is None:
+            raise TypeError("set_resolution is for train loaders (val decodes a fixed size)")
+        resolution = int(resolution)
+        if resolution != self._resolution:
+            self._decoder.output_size = (resolution, resolution)
+            self._resolution = resolution
+            self._stale = True
+
+
+def resolution_for_epoch(epoch: int, *, min_res: int, max_res: int, end_ramp: int,
+                         start_ramp: int = 0, step: int = 32) -> int:
+    """Progressive resizing: min_res up to start_ramp, a linear ramp to max_res at end_ramp,
+    rounded to a multiple of `step` (FFCV's ImageNet recipe)."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    res = np.interp(epoch, [start_ramp, end_ramp], [min_res, max_res])
+    return int(round(res / step)) * step
+
+
+def _rank_world(distributed: bool) -> tuple[int, int]:
+    if not distributed:
+        return 0, 1
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _check_file(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: dataset file not found")
+    return path
+
+
+def _build(path: str, decoder: Operation, *, batch_size: int, device: str | torch.device,
+           order: SeededOrder, num_workers: int, drop_last: bool, flip: bool,
+           resolution: int, train: bool) -> ImageLoader:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = torch.device(device)
+    image = [decoder] + ([RandomHorizontalFlip()] if flip else [])
+    image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True),
+              NormalizeOnDevice()]
+    label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+    loader = Loader(path, batch_size=batch_size, num_workers=num_workers, os_cache=True,
+                    order=OrderOption.SEQUENTIAL, drop_last=drop_last,
+                    pipelines={"image": image, "label": label})
+    return ImageLoader(loader, order, decoder if train else None, resolution)
+
+
+def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: int,
+                       device: str | torch.device = "cpu", distributed: bool = False,
+                       seed: int = 0, num_workers: int = 2, decoder: str = "scaled",
+                       drop_last: bool = True) -> ImageLoader:
+    """Random-resized-crop, flip and normalise `path` into shuffled training batches.
+
+    `decoder="scaled"` (default) decodes each JPEG only as far as the crop needs; `"stock"` is
+    FFCV's RandomResizedCropRGBImageDecoder.
+    """
+    path = _check_file(path)
+    if decoder not in DECODERS:
+        raise UserError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
+    size = (int(resolution), int(resolution))
+    if decoder == "scaled":
+        op = ScaledRandomResizedCropDecoder(size, max_jpeg_bytes=_max_sample_bytes(path))
+    else:
+        op = RandomResizedCropRGBImageDecoder(size)
+    rank, world = _rank_world(distributed)
+    order = SeededOrder(_num_samples(path), shuffle=True, seed=seed, rank=rank, world=world,
+                        equal_shares=True)
+    return _build(path, op, batch_size=batch_size, device=device, order=order,
+                  num_workers=num_workers, drop_last=drop_last, flip=True,
+                  resolution=int(resolution), train=True)
+
+
+def build_val_loader(path: str | os.PathLike, *, batch_size: int, resolution: int,
+                     device: str | torch.device = "cpu", distributed: bool = False,
+                     num_workers: int = 2) -> ImageLoader:
+    """Centre crop (ratio 224/256) and normalise `path` in file order, keeping the last batch.
+
+    With `distributed=True` each sample is read by exactly one rank, so ranks may differ by one
+    batch: sum metrics over ranks after the loop, and evaluate the unwrapped model (a DDP
+    forward could wait on a rank that has finished).
+    """
+    path = _check_file(path)
+    op = CenterCropRGBImageDecoder((int(resolution), int(resolution)), ratio=VAL_CROP_RATIO)
+    rank, world = _rank_world(distributed)
+    order = SeededOrder(_num_samples(path), shuffle=False, seed=0, rank=rank, world=world,
+                        equal_shares=False)
+    return _build(path, op, batch_size=batch_size, device=device, order=order,
+                  num_workers=num_workers, drop_last=False, flip=False,
+                  resolution=int(resolution), train=False)
+
+
+def _num_samples(path: str) -> int:
+    return int(Reader(path).num_samples)
+
+
+def _max_sample_bytes(path: str) -> int:
+    """The largest allocation in the file: a bound on any one sample's JPEG size."""
+    return int(Reader(path).alloc_table["size"].max())

@@ -1,0 +1,153 @@
+"""`.beton` writing: an ImageFolder tree -> FFCV file with `image` and `label` fields.
+
+JPEGs are written with a restart marker every few MCUs (`restart_interval`), which lets the
+scaled decoder (`qlnas.data.decoders`) cut the crop's region out of the entropy-coded data
+without decoding the rest. Stock FFCV decoders read these files unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.rgb_image import IMAGE_MODES, resizer
+from ffcv.writer import DatasetWriter
+
+from qlnas.data.classes import write_classes
+from qlnas.data.folder import Sample, check_images, load_rgb, read_subset, scan_folder
+from qlnas.errors import UserError
+from qlnas.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+MCU = 16  # pixels per MCU side with 4:2:0 chroma subsampling, which the writer enforces
+_RESTART_CHOICES = (4, 5, 3, 6, 8, 7, 2)
+
+
+@dataclass
+class WriteResult:
+    """What `write_beton` wrote."""
+
+    path: Path
+    classes: list[str]
+    num_samples: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def restart_interval(width: int) -> int:
+    """MCUs per restart segment: a divisor of the MCUs per row, so segments tile each row."""
+    per_row = -(-width // MCU)
+    for k in _RESTART_CHOICES:
+        if per_row % k == 0:
+            return k
+    return per_row
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """RGB -> JPEG bytes (4:2:0, restart markers tiling each MCU row)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality),
+              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+              cv2.IMWRITE_JPEG_RST_INTERVAL, restart_interval(image.shape[1])]
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError("OpenCV could not encode the image as JPEG")
+    return buf.reshape(-1)
+
+
+def _encode_image(self: RGBImageField, destination, image, malloc) -> None:
+    """RGBImageField.encode with `encode_jpeg` above (same metadata and file layout)."""
+    image = resizer(np.ascontiguousarray(image), self.max_resolution)
+    mode = self.write_mode
+    as_jpg = None
+    if mode == "smart":
+        mode = "jpg" if image.nbytes > self.smart_threshold else "raw"
+    elif mode == "proportion":
+        mode = "jpg" if np.random.rand() < self.proportion else "raw"
+    destination["mode"] = IMAGE_MODES[mode]
+    destination["height"], destination["width"] = image.shape[:2]
+    if mode == "jpg":
+        as_jpg = encode_jpeg(image, self.jpeg_quality)
+        destination["data_ptr"], storage = malloc(as_jpg.nbytes)
+        storage[:] = as_jpg
+    else:
+        destination["data_ptr"], storage = malloc(image.nbytes)
+        storage[:] = image.reshape(-1)
+
+
+class _FolderDataset:
+    """Indexable (image, label) pairs for FFCV's writer; never raises (a raise hangs the writer)."""
+
+    def __init__(self, samples: list[Sample], max_res: int) -> None:
+        self.samples = samples
+        self.max_res = max_res
+        self.failures = multiprocessing.get_context("fork").Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        sample = self.samples[index]
+        try:
+            image = load_rgb(sample.path, self.max_res)
+        except Exception:  # checked before writing; a file changed since then
+            log.exception("%s: cannot decode image", sample.path)
+            with self.failures.get_lock():
+                self.failures.value += 1
+            image = np.zeros((8, 8, 3), np.uint8)
+        return image, sample.label
+
+
+def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int = 512,
+                quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
+                smart_threshold: int | None = None, subset: str | list[str] | None = None,
+                limit_per_class: int | None = None, workers: int | None = None,
+                skip_corrupt: bool = False, overwrite: bool = False,
+                page_size: int = 8 << 20) -> WriteResult:
+    """Write the ImageFolder tree `src` to the FFCV file `out` and its class list beside it.
+
+    Labels follow the sorted class names of the selection. The file appears under `out` only
+    when complete. `page_size` is FFCV's allocation unit (a power of two, at least 2 MiB);
+    `smart_threshold` (bytes, `smart` mode) defaults to a (max_res/2)^2 RGB image.
+    """
+    out = Path(out)
+    if write_mode not in WRITE_MODES:
+        raise UserError(f"--write-mode {write_mode}: expected one of {', '.join(WRITE_MODES)}")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality {quality}: expected 1..100")
+    if max_res < 8:
+        raise UserError(f"--max-res {max_res}: expected at least 8")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise UserError(f"--compress-probability {compress_probability}: expected 0..1")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists (use --overwrite to replace it)")
+    if isinstance(subset, str):
+        subset = read_subset(subset)
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    classes, samples = scan_folder(src, subset, limit_per_class)
+    samples, skipped = check_images(samples, workers, skip_corrupt)
+    if not samples:
+        raise UserError(f"{src}: no decodable images")
+    image_field = RGBImageField(
+        write_mode=write_mode, max_resolution=max_res, jpeg_quality=quality,
+        compress_probability=compress_probability,
+        smart_threshold=smart_threshold or 3 * (max_res // 2) ** 2)
+    # Instance override keeps type(field) == RGBImageField, so any FFCV reader opens the file.
+    image_field.encode = _encode_image.__get__(image_field)
+    dataset = _FolderDataset(samples, max_res)
+    log.info("writing %d images of %d classes to %s", len(samples), len(classes), out)
+    with atomic_path(out) as tmp:
+        writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()},
+                               num_workers=min(workers, len(samples)), page_size=page_size)
+        writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(samples) // workers)))
+        if dataset.failures.value:
+            raise UserError(f"{src}: {dataset.failures.value} image(s) failed to decode while "
+                            "writing (files changed during the write?)")
+        write_classes(out, classes)
+    return WriteResult(out, classes, len(samples), skipped)
