@@ -4,15 +4,18 @@ FFCV's decoder turns each JPEG into full-size pixels and then crops. This one
 1. cuts the crop's MCU rows and restart segments out of the entropy-coded data (the writer puts
    a restart marker every few MCUs, so segments are independent; a byte copy, no decoding), and
 2. decodes that smaller JPEG at the coarsest DCT scale (1/8, 1/4, 1/2, 1) whose crop still covers
-   the output size (libjpeg-turbo scales inside the inverse DCT).
+   the output size (libjpeg-turbo scales inside the inverse DCT), and
+3. resizes the remaining < 2x bilinearly (FFCV uses OpenCV's much slower area interpolation).
 JPEGs without restart markers (or progressive ones) take step 2 alone on the whole image.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import replace
 
+import ffcv._libffcv
 import numpy as np
 from ffcv.fields.rgb_image import (
     IMAGE_MODES,
@@ -180,6 +183,83 @@ def coarsest_scale(h: int, w: int, out_h: int, out_w: int) -> int:
     return 1
 
 
+imdecode_nb = njit(nogil=True)(imdecode)
+resize_crop_nb = njit(nogil=True)(resize_crop)
+
+# OpenCV's C API, reached through the library FFCV's extension already links.
+_opencv = ctypes.CDLL(ffcv._libffcv.__file__)
+_cv_init_mat = _opencv.cvInitMatHeader
+_cv_init_mat.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_void_p, ctypes.c_int]
+_cv_init_mat.restype = ctypes.c_void_p
+_cv_resize = _opencv.cvResize
+_cv_resize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_cv_resize.restype = None
+CV_8UC3, INTER_LINEAR, INTER_AREA = 16, 1, 3
+_CVMAT_BYTES = 128  # room for one CvMat header (48 bytes on 64-bit)
+
+
+@njit(nogil=True)
+def resize_region(src: np.ndarray, top: int, bottom: int, left: int, right: int,
+                  dst: np.ndarray) -> None:
+    """Resize rows top..bottom, columns left..right of the HxWx3 `src` into `dst`: bilinear
+    when shrinking by less than 2x (what the DCT scale leaves), else area averaging."""
+    h = bottom - top
+    w = right - left
+    interpolation = INTER_LINEAR
+    if h >= 2 * dst.shape[0] or w >= 2 * dst.shape[1]:
+        interpolation = INTER_AREA
+    headers = np.zeros(2 * _CVMAT_BYTES // 8, np.int64)
+    stride = src.shape[1] * 3
+    _cv_init_mat(headers.ctypes.data, h, w, CV_8UC3, src.ctypes.data + top * stride + left * 3,
+                 stride)
+    _cv_init_mat(headers.ctypes.data + _CVMAT_BYTES, dst.shape[0], dst.shape[1], CV_8UC3,
+                 dst.ctypes.data, dst.shape[1] * 3)
+    _cv_resize(headers.ctypes.data, headers.ctypes.data + _CVMAT_BYTES, interpolation)
+
+
+@njit(nogil=True)
+def decode_crop(data: np.ndarray, height: int, width: int, i: int, j: int, h: int, w: int,
+                pixels: np.ndarray, cut_jpeg: np.ndarray, seg_starts: np.ndarray,
+                destination: np.ndarray, cut_segments: bool) -> int:
+    """Decode rows i..i+h, columns j..j+w of the height x width JPEG `data`, resized into
+    `destination` (out_h x out_w x 3). `pixels`, `cut_jpeg`, `seg_starts` are scratch buffers.
+    Returns the DCT scale denominator used (for statistics)."""
+    d = coarsest_scale(h, w, destination.shape[0], destination.shape[1])
+    info = np.zeros(7, np.int64)
+    region = np.zeros(4, np.int64)
+    size = 0
+    if cut_segments and parse_jpeg(data, info):
+        size = cut_region(data, info, seg_starts, cut_jpeg, i, j, h, w, region)
+    status = -1
+    y0, x0, rh, rw = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+    if size > 0:
+        y0, x0, rh, rw = region[0], region[1], region[2], region[3]
+        status = imdecode_nb(cut_jpeg[:size], pixels, rh, rw, rh, rw, 0, 0, 1, d, False, False)
+    if status != 0:  # the whole image, scaled
+        y0, x0, rh, rw = np.int64(0), np.int64(0), np.int64(height), np.int64(width)
+        status = imdecode_nb(data, pixels, rh, rw, rh, rw, 0, 0, 1, d, False, False)
+    sh = (rh + d - 1) // d
+    sw = (rw + d - 1) // d
+    image = pixels[:3 * sh * sw].reshape(sh, sw, 3)
+    top = min(sh - 1, np.int64(round((i - y0) / d)))
+    left = min(sw - 1, np.int64(round((j - x0) / d)))
+    bottom = max(top + 1, min(sh, np.int64(round((i + h - y0) / d))))
+    right = max(left + 1, min(sw, np.int64(round((j + w - x0) / d))))
+    resize_region(image, top, bottom, left, right, destination)
+    return d
+
+
+@njit(nogil=True)
+def decode_full(data: np.ndarray, height: int, width: int, i: int, j: int, h: int, w: int,
+                pixels: np.ndarray, destination: np.ndarray) -> int:
+    """Stock FFCV's path (the reference): decode at full size, crop, resize. Returns 1."""
+    imdecode_nb(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+    image = pixels[:3 * height * width].reshape(height, width, 3)
+    resize_crop_nb(image, i, i + h, j, j + w, destination)
+    return 1
+
+
 class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
     """Crop-and-resize decoder for `RGBImageField` that decodes as little of each JPEG as the
     crop needs. Subclasses choose the crop (`get_crop`).
@@ -217,12 +297,10 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         get_crop_c = Compiler.compile(type(self).get_crop)
         scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
         ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
-        out_h, out_w = self.output_size
         cut_segments = self.cut_segments
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -233,35 +311,12 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
                 height = np.int64(field["height"])
                 width = np.int64(field["width"])
                 i, j, h, w = get_crop_c(height, width, scale, ratio)
-                if field["mode"] != jpg:
+                if field["mode"] == jpg:
+                    decode_crop(data, height, width, i, j, h, w, pixels[dst_ix], cut_jpegs[dst_ix],
+                                seg_starts[dst_ix], destination[dst_ix], cut_segments)
+                else:
                     image = data.reshape(height, width, 3)
                     resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
-                    continue
-                d = coarsest_scale(h, w, out_h, out_w)
-                info = np.zeros(7, np.int64)
-                region = np.zeros(4, np.int64)
-                size = 0
-                y0, x0, rh, rw = np.int64(0), np.int64(0), height, width
-                if cut_segments and parse_jpeg(data, info):
-                    size = cut_region(data, info, seg_starts[dst_ix], cut_jpegs[dst_ix],
-                                 i, j, h, w, region)
-                status = -1
-                if size > 0:
-                    y0, x0, rh, rw = region[0], region[1], region[2], region[3]
-                    status = imdecode_c(cut_jpegs[dst_ix][:size], pixels[dst_ix], rh, rw,
-                                        rh, rw, 0, 0, 1, d, False, False)
-                if status != 0:  # whole image, scaled
-                    y0, x0, rh, rw = np.int64(0), np.int64(0), height, width
-                    status = imdecode_c(data, pixels[dst_ix], height, width, height, width,
-                                        0, 0, 1, d, False, False)
-                sh = (rh + d - 1) // d
-                sw = (rw + d - 1) // d
-                image = pixels[dst_ix][:3 * sh * sw].reshape(sh, sw, 3)
-                top = min(sh - 1, np.int64(round((i - y0) / d)))
-                left = min(sw - 1, np.int64(round((j - x0) / d)))
-                bottom = max(top + 1, min(sh, np.int64(round((i + h - y0) / d))))
-                right = max(left + 1, min(sw, np.int64(round((j + w - x0) / d))))
-                resize_crop_c(image, top, bottom, left, right, destination[dst_ix])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -1,0 +1,8 @@
+"""Loader benchmark (torchvision vs stock FFCV vs ours); same as `qlnas bench loader ARGS`."""
+
+import sys
+
+from qlnas.data.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

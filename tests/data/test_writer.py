@@ -1,0 +1,141 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+from ffcv.reader import Reader
+from PIL import Image
+
+from qlnas.data import read_classes
+from qlnas.data.writer import write_beton
+from qlnas.errors import UserError
+from tests.data.conftest import make_tree
+
+
+def stored_images(path):
+    """(label, decoded HxWx3 image) per sample, straight from the file's bytes."""
+    reader = Reader(str(path))
+    raw = np.fromfile(str(path), np.uint8)
+    where = {int(s): (int(p), int(n)) for s, p, n in reader.alloc_table}
+    out = []
+    for k in range(reader.num_samples):
+        ptr, size = where[k]
+        bgr = cv2.imdecode(raw[ptr:ptr + size], cv2.IMREAD_COLOR)
+        out.append((int(reader.metadata["f1"][k]), bgr[..., ::-1]))
+    return out
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+
+
+def test_round_trip_keeps_labels_and_images(photo_tree, photo_beton):
+    classes = read_classes(photo_beton)
+    assert classes == sorted(p.name for p in photo_tree.iterdir() if p.is_dir())
+    sources = [(classes.index(p.parent.name), np.asarray(Image.open(p).convert("RGB")))
+               for c in classes for p in sorted((photo_tree / c).glob("*.jpg"))]
+    stored = stored_images(photo_beton)
+    assert len(stored) == len(sources) == 36
+    for (label, img), (src_label, src) in zip(stored, sources, strict=True):
+        assert label == src_label
+        assert img.shape == src.shape
+        assert psnr(img, src) > 30
+
+
+def test_max_res_keeps_longest_side(photo_tree, tmp_path):
+    out = tmp_path / "small.beton"
+    write_beton(photo_tree, out, max_res=100, limit_per_class=1, workers=1)
+    for _, img in stored_images(out):
+        assert max(img.shape[:2]) == 100
+
+
+def test_subset_and_limit(tmp_path):
+    src = make_tree(tmp_path / "src", {"b": 3, "a": 2, "c": 4})
+    (tmp_path / "subset.txt").write_text("c\nb\n")
+    out = tmp_path / "out.beton"
+    result = write_beton(src, out, subset=str(tmp_path / "subset.txt"), limit_per_class=3,
+                         workers=1)
+    assert result.classes == read_classes(out) == ["b", "c"]
+    assert [label for label, _ in stored_images(out)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_subset_class_missing(tmp_path):
+    src = make_tree(tmp_path / "src", {"n01440764": 1})
+    with pytest.raises(UserError, match="from --subset is not there"):
+        write_beton(src, tmp_path / "out.beton", subset="imagenet100", workers=1)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda root: None, "source folder not found"),
+    (lambda root: root.mkdir(), "no class folders"),
+    (lambda root: (root / "a").mkdir(parents=True), "no images"),
+])
+def test_bad_source(tmp_path, setup, message):
+    setup(tmp_path / "src")
+    with pytest.raises(UserError, match=message):
+        write_beton(tmp_path / "src", tmp_path / "out.beton", workers=1)
+
+
+def test_corrupt_image_stops_or_is_skipped(tmp_path):
+    src = make_tree(tmp_path / "src", {"a": 2, "b": 2})
+    bad = src / "b" / "000.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    (src / "a" / "zz.png").write_bytes(b"not an image")
+    out = tmp_path / "out.beton"
+    with pytest.raises(UserError, match=str(src / "a" / "zz.png")):
+        write_beton(src, out, workers=1)
+    assert not out.exists()
+    result = write_beton(src, out, workers=1, skip_corrupt=True)
+    assert sorted(result.skipped) == sorted([str(src / "a" / "zz.png"), str(bad)])
+    assert [label for label, _ in stored_images(out)] == [0, 0, 1]
+
+
+def test_refuses_to_overwrite(tmp_path):
+    src = make_tree(tmp_path / "src", {"a": 1})
+    out = tmp_path / "out.beton"
+    out.write_text("keep me")
+    with pytest.raises(UserError, match="already exists"):
+        write_beton(src, out, workers=1)
+    assert out.read_text() == "keep me"
+    write_beton(src, out, workers=1, overwrite=True)
+    assert len(stored_images(out)) == 1
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from qlnas.cli import main
+
+    assert main(["data", "write", str(tmp_path / "nope"), str(tmp_path / "o.beton")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope" in err
+
+
+def test_cli_write_and_info(photo_tree, tmp_path, capsys):
+    from qlnas.cli import main
+
+    out = tmp_path / "o.beton"
+    assert main(["data", "write", str(photo_tree), str(out), "--limit-per-class", "2",
+                 "--workers", "1", "--max-res", "256"]) == 0
+    assert main(["data", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "samples:  " in text and "width:" in text and "max 256" in text
+
+
+@pytest.mark.slow
+def test_interrupted_write_leaves_nothing(photo_tree, tmp_path):
+    out = tmp_path / "out.beton"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qlnas.cli", "data", "write", str(photo_tree), str(out),
+         "--workers", "1", "--write-mode", "raw"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.beton.*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the write ended before it could be interrupted"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
