@@ -75,9 +75,9 @@ class QLOptunaSearch(OptunaSearch):
     """OptunaSearch that reports to a pruner and tells stopped trials as PRUNED."""
 
     def __init__(self, *args, pruner: optuna.pruners.BasePruner | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._pruner = pruner
+        self._pruner = pruner  # read by _setup_study, which the base __init__ calls
         self.stopped: dict[str, str] = {}
+        super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode):
         super()._setup_study(mode)

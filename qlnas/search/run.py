@@ -24,9 +24,10 @@ def _sampler(space: SearchSpace):
         return optuna.samplers.GridSampler(space.grid(), seed=space.seed)
     if space.searcher == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=space.seed)
-    return optuna.samplers.TPESampler(seed=space.seed, multivariate=True,
-                                      constant_liar=True, n_startup_trials=min(
-                                          4, max(1, space.num_trials // 3)))
+    # Random start-up trials first: TPE fitted on one or two points mostly repeats them.
+    startup = min(10, max(2, space.num_trials // 2))
+    return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, constant_liar=True,
+                                      n_startup_trials=startup)
 
 
 def _connect(address: str | None) -> None:
@@ -43,7 +44,7 @@ def _connect(address: str | None) -> None:
         ray.init(address="auto", runtime_env=env)
         log.info("connected to the running Ray cluster")
     except ConnectionError:
-        ray.init(include_dashboard=False, runtime_env=env)
+        ray.init(runtime_env=env)
         log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
 
 
@@ -81,6 +82,7 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
 
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from qlnas.search.pruning import (
         PruningScheduler,
@@ -97,7 +99,7 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
     board = create_board(board_name)  # noqa: F841  (kept alive by this driver)
     settings = {"space": space, "out": str(out), "board": board_name}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings),
-                                    {"CPU": 0})
+                                    {"CPU": 0, "memory": 1})  # the driver only waits
     if resume:
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -107,7 +109,7 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
         epochs = int(space.fixed.get("epochs", 5))
         pr = space.pruning
         searcher = QLOptunaSearch(
-            space=_define_by_run(space),
+            space=_DefineByRun(space),
             metric=metrics if space.multi_objective else metrics[0],
             mode=modes if space.multi_objective else modes[0],
             sampler=_sampler(space),
@@ -119,21 +121,26 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=space.num_trials,
                                         max_concurrent_trials=_max_concurrent(space)),
-            run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(out),
-                                      failure_config=tune.FailureConfig(max_failures=0),
-                                      verbose=1),
+            run_config=tune.RunConfig(
+                name=TUNE_NAME, storage_path=str(out), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=0),
+                # Tune's own JSON/CSV results; its TensorBoard logger stays off so that
+                # `tensorboard --logdir OUT` shows each trial's run once (from fit).
+                callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]),
         )
     try:
         tuner.fit()
     finally:
-        rows = write_report(out)
         ray.kill(board)
-    return rows
+    return write_report(out)
 
 
-def _define_by_run(space: SearchSpace):
-    def sample(trial) -> dict:
-        values = space.sample(trial)
+class _DefineByRun:
+    """Optuna define-by-run sampling of a space (picklable, so Tune can checkpoint it)."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial) -> dict:
+        values = self.space.sample(trial)
         return {k: v for k, v in values.items() if k not in trial.params}
-
-    return sample
