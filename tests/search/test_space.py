@@ -1,0 +1,74 @@
+"""Search spaces: every shipped YAML loads; bad ones give one clear error naming file and key."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from qlnas.errors import UserError
+from qlnas.search.space import load_space
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+def test_spaces_are_shipped():
+    assert {p.name for p in SHIPPED} >= {"demo.yaml", "paper.yaml", "imagenet100.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_space_loads_and_samples(path):
+    assert path.read_text().startswith("# "), "a space starts with its command and time"
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        values = space.sample(study.ask())
+        config = space.train_config(values, out="/tmp/x")
+        assert config.out == "/tmp/x"
+        if config.arch.get("act") == "none":
+            assert config.arch["act_at"] == "none"
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "fixed: {epochs: 1}\narch:\n  form: [eq3, eq4]\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (BASE + "colour: red\n", "(top level).colour: unknown key"),
+    (BASE + "search: {num_trial: 3}\n", "search.num_trial: unknown key"),
+    ("arch:\n  form: []\n", "arch.form: empty list of choices"),
+    ("arch:\n  form: [eq3, eq9]\n", "arch.form: 'eq9' is not allowed"),
+    (BASE + "search: {num_trials: three}\n", "search.num_trials: 'three': expected an integer"),
+    (BASE + "resources: {workers_per_trial: two}\n",
+     "resources.workers_per_trial: 'two' has the wrong type"),
+    (BASE + "recipe:\n  lr: {loguniform: [0, 1]}\n", "recipe.lr.loguniform: loguniform needs"),
+    (BASE + "recipe:\n  learning_rate: [0.1]\n", "recipe.learning_rate: unknown training"),
+    (BASE + "fixed: {epochs: -1}\n", "epochs=-1: expected a positive integer"),
+    (BASE + "search:\n  objectives: [{metric: accuracy}]\n",
+     "search.objectives[0].metric: 'accuracy'"),
+    (BASE + "pruning: {pruner: sometimes}\n", "pruning.pruner: 'sometimes'"),
+    ("fixed: {epochs: 1}\n", "arch: nothing to search"),
+])
+def test_invalid_space_names_file_and_key(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(UserError) as err:
+        load_space(path)
+    assert str(err.value).startswith(str(path)), err.value
+    assert message in str(err.value), err.value
+
+
+def test_conditions_fix_parameters(tmp_path):
+    path = _write(tmp_path, BASE + "  expansion: [4, 6]\nconditions:\n"
+                  "  - when: {form: eq4}\n    set: {expansion: 4}\n")
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        trial = study.ask()
+        values = space.sample(trial)
+        if values["form"] == "eq4":
+            assert values["expansion"] == 4 and "expansion" not in trial.params
