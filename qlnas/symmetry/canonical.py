@@ -20,6 +20,7 @@ import copy
 import torch
 from torch import nn
 
+from qlnas.symmetry.compress import Target, enforce
 from qlnas.symmetry.fold import fold_bn
 from qlnas.symmetry.groups import has_scaling, has_sign, monomial_matrix
 from qlnas.symmetry.reduce import row_reduce
@@ -126,14 +127,18 @@ def canonicalize(model: nn.Module) -> nn.Module:
     """A float64 copy of `model` (BN folded, eval) in the canonical gauge of its groups."""
     model = copy.deepcopy(check_model(model)).to(torch.float64).eval()
     folded = fold_bn(copy.deepcopy(model))
-    transforms, scales, keys = {}, {}, {}
+    transforms, scales, keys, targets = {}, {}, {}, []
     for s in find_streams(model):
         if s.group in CONTINUOUS:
-            mat = folded.get_submodule(writer_module(folded, s.name)).weight[:, :, 0, 0]
-            transforms[s.name] = row_reduce(mat, s.group).g
+            module = writer_module(folded, s.name)
+            red = row_reduce(folded.get_submodule(module).weight[:, :, 0, 0], s.group)
+            transforms[s.name] = red.g
+            targets.append(Target(module, red.zeros, red.ones))
         else:
             scales[s.name], keys[s.name] = _gauge(folded, s)
     perms = _sort_perms(folded, keys)
     for name, d in scales.items():
         transforms[name] = monomial_matrix(perms[name], d)
-    return apply(model, transforms)
+    out = apply(model, transforms)
+    enforce(out, targets)  # the normal forms' zeros and ones, exactly
+    return out
