@@ -46,18 +46,19 @@ class BenchConfig:
     warmup: int = 2
     """Untimed steps before timing (per phase)."""
     steps: int = 3
-    """Timed steps (per phase); images/s uses the median step time."""
+    """Timed steps (per phase); images/s uses the fastest one (the least disturbed by other
+    processes on a shared machine; the median is kept in the JSON too)."""
     device: str = "cpu"
     """cpu or cuda."""
     amp: str = "none"
     """Autocast dtype: none or bf16."""
-    channels_last: bool = False
+    channels_last: bool = True
     """Model and input in channels_last memory format."""
     compile: bool = False
     """torch.compile the model (compilation is timed separately, in the first step)."""
     reference: bool = False
     """Use the reference (unoptimised) layer implementations: the "before" numbers."""
-    fuse: bool = False
+    fuse: bool = True
     """Fold BN into convs for the inference phase (qlnas.models.fuse; torch.fx for timm)."""
     allocator: str = "system"
     """CPU memory allocator for the subprocess: system (glibc) or jemalloc (LD_PRELOAD)."""
@@ -136,7 +137,7 @@ class _Memory:
 
 
 def _time_steps(step, cfg: BenchConfig) -> tuple[float, float, list[float]]:
-    """Run warm-up and timed steps; returns (first step s, median step s, all timed s)."""
+    """Run warm-up and timed steps; returns (first step s, fastest step s, all timed s)."""
     import torch
 
     def sync():
@@ -157,7 +158,59 @@ def _time_steps(step, cfg: BenchConfig) -> tuple[float, float, list[float]]:
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), times
+    return first, min(times), times
+
+
+def op_traffic_bytes(fn) -> int:
+    """Bytes that the aten ops of `fn()` read and write, each operand counted once per op.
+
+    An estimate of DRAM traffic when no intermediate stays in cache (true for the MB-sized
+    activations here); the time it needs at the machine's bandwidth bounds memory-bound ops.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket not in _VIEW_OPS:
+                flat = tree_flatten((args, kwargs, out))[0]
+                Count.total += sum(t.numel() * t.element_size() for t in flat
+                                   if isinstance(t, torch.Tensor))
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
+def _view_ops() -> set:
+    import torch
+    a = torch.ops.aten
+    return {a.view, a._unsafe_view, a.reshape, a.expand, a.t, a.transpose, a.permute,
+            a.as_strided, a.detach, a.alias, a.unsqueeze, a.squeeze, a.slice, a.split,
+            a.chunk, a.split_with_sizes, a.select, a.empty, a.empty_like, a.zeros_like,
+            a.ones_like, a.empty_strided, a.lift_fresh, a.clone}
+
+
+_VIEW_OPS: set = set()
+
+
+def bandwidth_gb_s(threads: int, mb: int = 256) -> float:
+    """Copy bandwidth (read + write) of this process with `threads` threads, best of 5."""
+    import torch
+    torch.set_num_threads(threads)
+    a = torch.ones(mb * 2**20 // 4)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best / 1e9
 
 
 def _fuse_any(model):
@@ -184,12 +237,13 @@ def measure(name: str, cfg: BenchConfig) -> dict:
     from qlnas.models.complexity import count_macs, count_params
 
     torch.set_num_threads(cfg.threads)
+    torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     layers.set_reference(cfg.reference)
     device = torch.device(cfg.device)
     model = timm.create_model(name, num_classes=cfg.num_classes)
     row = {"model": name, "params_m": count_params(model) / 1e6,
-           "gmacs": count_macs(model, cfg.resolution) / 1e9}
+           "gmacs": count_macs(model, cfg.resolution) / 1e9, "load_avg_start": os.getloadavg()[0]}
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     x = torch.randn(cfg.batch, 3, cfg.resolution, cfg.resolution, device=device)
@@ -209,7 +263,8 @@ def measure(name: str, cfg: BenchConfig) -> dict:
         with _Memory(cfg.device) as mem:
             first, med, times = _time_steps(infer, cfg)
         row.update(infer_img_s=cfg.batch / med, infer_peak_mb=mem.peak / 2**20,
-                   infer_first_s=first, infer_step_s=times)
+                   infer_first_s=first, infer_step_s=times,
+                   infer_median_img_s=cfg.batch / statistics.median(times))
         del net
 
     if "train" in cfg.phases:
@@ -227,7 +282,12 @@ def measure(name: str, cfg: BenchConfig) -> dict:
         with _Memory(cfg.device) as mem:
             first, med, times = _time_steps(train, cfg)
         row.update(train_img_s=cfg.batch / med, train_peak_mb=mem.peak / 2**20,
-                   train_first_s=first, train_step_s=times)
+                   train_first_s=first, train_step_s=times,
+                   train_median_img_s=cfg.batch / statistics.median(times))
+    row["load_avg"] = [row.pop("load_avg_start"), os.getloadavg()[0]]
+    if cfg.device == "cpu" and "train" in cfg.phases:
+        _VIEW_OPS.update(_view_ops())
+        row["train_traffic_gb"] = op_traffic_bytes(train) / 1e9
     return row
 
 
@@ -291,6 +351,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
                 row[f"{phase}_peak_mb"] = round(r[f"{phase}_peak_mb"])
         if r.get("train_first_s") is not None and "train_img_s" in r:
             row["train_first_s"] = round(r["train_first_s"], 1)
+        row["load"] = "/".join(f"{v:.1f}" for v in r.get("load_avg", []))
         out.append(row)
     keys = list(dict.fromkeys(k for row in out for k in row))
     return [{k: row.get(k, "") for k in keys} for row in out]
@@ -320,17 +381,29 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run_table(names: list[str], cfg: BenchConfig, progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
+def run_table(names: list[str], cfg: BenchConfig, progress: bool = True,
+              on_row=None, timeout: float = 900) -> list[dict]:
+    """Each model in its own subprocess; `on_row(rows)` after each (to save partial results)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the GPU machine may lack it
+        def tqdm(items, **_):
+            return items
     rows = []
     for name in tqdm(names, desc="models", disable=not progress, leave=False):
-        rows.append(run_model(name, cfg))
+        rows.append(run_model(name, cfg, timeout))
+        if on_row is not None:
+            on_row(add_ratios(rows))
     return add_ratios(rows)
 
 
 def plot(result: dict, path: Path) -> None:
     """Bar chart of the train and inference ratios to resnet50 (one group per model)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log.info("matplotlib not installed: no plot")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -378,12 +451,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="fold BN into convs for inference")
     p.add_argument("--allocator", choices=("system", "jemalloc"), default=d.allocator)
     p.add_argument("--phases", nargs="+", choices=("infer", "train"), default=list(d.phases))
+    p.add_argument("--before", action="store_true",
+                   help="the 'before' setting: reference layers, NCHW, no BN folding")
     p.add_argument("--fast", action="store_true",
                    help="all speed options the device supports: channels_last, fuse, and on "
                         "CPU jemalloc when installed (on CUDA also bf16 and compile)")
     p.add_argument("--sweep", action="store_true",
                    help=f"also sweep resolution (64, 128, 224) and batch (16, 32, 64) for "
                         f"{', '.join(SWEEP_MODELS)}")
+    p.add_argument("--model-timeout", type=float, default=900,
+                   help="seconds one model may take before it is recorded as an error")
     p.add_argument("--label", default=None, help="name of the result (default: from options)")
     p.add_argument("--out", default=None,
                    help="folder for JSON and PNG (default: $OUT if set, else bench/results)")
@@ -399,6 +476,8 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         channels_last=args.channels_last, compile=args.compile, reference=args.reference,
         fuse=args.fuse, allocator=args.allocator, phases=tuple(args.phases),
     )
+    if args.before:
+        cfg.reference, cfg.channels_last, cfg.fuse = True, False, False
     if args.fast:
         cfg.channels_last, cfg.fuse = True, True
         if cfg.device == "cuda":
@@ -461,9 +540,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = args.models or list(TABLE1)
     label = args.label or _label(cfg)
+    out = Path(args.out or os.environ.get("OUT") or "bench/results")
     t0 = time.perf_counter()
     result = {"label": label, "machine": machine(), "config": dataclasses.asdict(cfg),
-              "rows": run_table(names, cfg)}
+              "complete": False, "rows": []}
+    if cfg.device == "cpu":
+        result["machine"]["copy_gb_s"] = bandwidth_gb_s(cfg.threads)
+
+    def save(rows: list[dict]) -> None:  # after every model, so a timeout keeps the rest
+        result["rows"] = rows
+        atomic_write_json(result, out / f"{label}.json")
+
+    result["rows"] = run_table(names, cfg, on_row=save, timeout=args.model_timeout)
     if args.sweep:
         result["sweep"] = []
         points = [(res, cfg.batch) for res in (64, 128, 224)] + \
@@ -471,10 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         for res, batch in points:
             point = dataclasses.replace(cfg, resolution=res, batch=batch)
             result["sweep"].append({"resolution": res, "batch": batch,
-                                    "rows": run_table(list(SWEEP_MODELS), point)})
+                                    "rows": run_table(list(SWEEP_MODELS), point,
+                                                      timeout=args.model_timeout)})
     result["targets"] = targets(result["rows"])
     result["wall_s"] = time.perf_counter() - t0
-    out = Path(args.out or os.environ.get("OUT") or "bench/results")
+    result["complete"] = True
     _print_result(result)
     for point in result.get("sweep", []):
         print(f"\n### sweep: {point['resolution']} px, batch {point['batch']}")

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _REFERENCE = False
 
@@ -44,6 +45,7 @@ def _mkldnn_fusable(conv: nn.Module, x: torch.Tensor, other: torch.Tensor) -> bo
             and x.dtype == torch.float32 and other.dtype == torch.float32
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None  # FLOP counters see the plain ops
             and not (torch.is_grad_enabled()
                      and (x.requires_grad or other.requires_grad or conv.weight.requires_grad)))
 

@@ -16,6 +16,9 @@ from qlnas.models.layers import DepthwiseConv3x3, conv_mul, reference_path, use_
 from tests.models.test_fuse import randomise_bn, rel_err
 
 ALL = timm.list_models("qlnet*")
+# Every form, activation, sharing and expansion at the small size (the paths are per block,
+# so the depth and width of qlnet50 add run time, not cases), plus the Eq.(3) Table 1 row.
+SMALL = timm.list_models("qlnet26n_*") + ["qlnet50_eq3_softball_ds"]
 
 
 def perturbed(name: str) -> torch.nn.Module:
@@ -40,7 +43,7 @@ def test_reference_path_is_a_scoped_switch():
     assert not use_reference()
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", SMALL)
 def test_train_step_matches_reference(name):
     # float64: train-mode BN over a batch of 2 amplifies fp32 rounding through 16 blocks, so
     # only double precision separates "same function" from "nearly the same".
@@ -59,7 +62,7 @@ def test_train_step_matches_reference(name):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", SMALL)
 def test_fused_inference_matches_reference(name, channels_last):
     model = perturbed(name).eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -69,7 +72,8 @@ def test_fused_inference_matches_reference(name, channels_last):
     fast = fuse(model).to(memory_format=fmt)
     with torch.inference_mode():
         out = fast(x)
-    assert rel_err(out, ref) < 1e-5
+    # fp32 (the fused oneDNN op has no float64): different conv kernels round differently.
+    assert rel_err(out, ref) < 2e-5
 
 
 @pytest.mark.parametrize("expand", [True, False])

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The speed table on one CUDA GPU: bf16 autocast, channels_last, BN folding for inference,
+# and torch.compile (compilation timed separately: the *_first_s columns), in under 8 minutes.
+#
+#   bash bench/gpu.sh            # from the repo root; needs python3 with torch, timm, numpy
+#
+# Prints the tables and writes bench/results/gpu-<card>-*.json (to $OUT when it is set).
+# Resolution 224 and batch 128 keep a GPU busy; override with RES=... BATCH=....
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+RES=${RES:-224}
+BATCH=${BATCH:-128}
+DEST=${OUT:-bench/results}
+mkdir -p "$DEST"
+CARD=$($PY -c "import torch; print(torch.cuda.get_device_name(0))" | tr -c 'A-Za-z0-9\n' '-' \
+  | tr -s '-' | sed 's/-$//' | tr 'A-Z' 'a-z')
+COMMON=(--device cuda --resolution "$RES" --batch "$BATCH" --warmup 3 --steps 10 --model-timeout 150
+        --channels-last --amp bf16 --out "$DEST")
+SUBSET=(qlnet50_eq3_softball_ds qlnet50_eq5_softball_ds resnet50 mobilenetv3_large_100)
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
+start=$SECONDS
+# 1. Every Table 1 model, eager (about 2 minutes).
+timeout 200 $PY -m qlnas.models.bench "${COMMON[@]}" --fuse --label "gpu-$CARD-eager" || echo "eager run failed or timed out"
+# 2. The "before": reference layers (folded shared conv), eager, a subset (about 1 minute).
+timeout 90 $PY -m qlnas.models.bench "${COMMON[@]}" --reference \
+  --models qlnet50_eq3_softball_ds resnet50 --label "gpu-$CARD-reference" || echo "reference run failed or timed out"
+# 3. torch.compile on a subset (compilation dominates: about 1 minute per model).
+left=$(( 460 - (SECONDS - start) ))
+if (( left > 60 )); then
+  timeout "$left" $PY -m qlnas.models.bench "${COMMON[@]}" --fuse --compile --models "${SUBSET[@]}" \
+    --label "gpu-$CARD-compile" || echo "compile run failed or timed out"
+fi
+echo "gpu.sh done in $(( SECONDS - start )) s; results in $DEST"
