@@ -1,18 +1,27 @@
-"""`qlnas demo`: the main job on the embedded dataset (for now: the model family's table)."""
+"""`qlnas demo`: the main job on the embedded dataset: a small architecture search."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job on the embedded dataset")
+    p = sub.add_parser("demo", help="search the QL-ConvNet space on the embedded digits")
+    p.add_argument("--out", default=None, help="search folder (default runs/demo-<time>)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from qlnas.models.cli import run as models_run
+def space_path() -> Path:
+    """search_spaces/demo.yaml of this checkout."""
+    return Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
-    print("Table 1 of the paper, reproduced (parameters at 100 classes):")
-    models_run(argparse.Namespace(table1=True, format="md"))
-    return 0
+
+def run(args: argparse.Namespace) -> int:
+    from qlnas.search.cli import run_search_cmd
+
+    out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"qlnas demo: searching {space_path().name} on the embedded digits into {out}")
+    return run_search_cmd(argparse.Namespace(space=str(space_path()), out=out, resume=False,
+                                             address=None))

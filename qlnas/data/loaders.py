@@ -176,7 +176,8 @@ def _build(path: str, decoder: Operation, *, batch_size: int, device: str | torc
 def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: int,
                        device: str | torch.device = "cpu", distributed: bool = False,
                        seed: int = 0, num_workers: int = 2, decoder: str = "scaled",
-                       drop_last: bool = True) -> ImageLoader:
+                       drop_last: bool = True, scale: tuple[float, float] = (0.08, 1.0),
+                       flip: bool = True) -> ImageLoader:
     """Random-resized-crop, flip and normalise `path` into shuffled training batches.
 
     `decoder="scaled"` (default) decodes each JPEG only as far as the crop needs; `"stock"` is
@@ -187,14 +188,15 @@ def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: 
         raise UserError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
     size = (int(resolution), int(resolution))
     if decoder == "scaled":
-        op = ScaledRandomResizedCropDecoder(size, max_jpeg_bytes=_max_sample_bytes(path))
+        op = ScaledRandomResizedCropDecoder(size, scale=tuple(scale),
+                                            max_jpeg_bytes=_max_sample_bytes(path))
     else:
-        op = RandomResizedCropRGBImageDecoder(size)
+        op = RandomResizedCropRGBImageDecoder(size, scale=tuple(scale))
     rank, world = _rank_world(distributed)
     order = SeededOrder(_num_samples(path), shuffle=True, seed=seed, rank=rank, world=world,
                         equal_shares=True)
     return _build(path, op, batch_size=batch_size, device=device, order=order,
-                  num_workers=num_workers, drop_last=drop_last, flip=True,
+                  num_workers=num_workers, drop_last=drop_last, flip=flip,
                   resolution=int(resolution), train=True)
 
 

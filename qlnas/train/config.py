@@ -82,6 +82,10 @@ class TrainConfig:
     """Progressive resizing: start resolution (0: fixed resolution)."""
     ramp_epochs: int = 0
     """Progressive resizing: epoch by which the final resolution is reached."""
+    crop_scale_min: float = 0.08
+    """Smallest area fraction of a random-resized crop (0.08 for ImageNet)."""
+    hflip: bool = True
+    """Random horizontal flips (off for digits, whose mirror images are not digits)."""
     decoder: str = "scaled"
     """Train JPEG decoder: scaled (ours, decodes at the smallest DCT scale) or stock FFCV."""
     workers: int = 2
@@ -117,6 +121,8 @@ class TrainConfig:
                      "min_resolution", "ramp_epochs"):
             if getattr(self, name) < 0:
                 raise bad(name, "a number >= 0")
+        if not 0 < self.crop_scale_min <= 1:
+            raise bad("crop_scale_min", "a number in (0, 1]")
         if not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "a number in [0, 1)")
         if not 0 <= self.ema_decay < 1:
@@ -170,7 +176,8 @@ def _coerce(key: str, value: object, hint: object, source: str) -> object:
 # ResNeXt-50 recipe as the paper used it on ImageNet-100.
 RECIPES: dict[str, dict] = {
     "demo": dict(model="qlnet26n_eq3_softball_ds", epochs=5, batch_size=64, lr=0.2,
-                 warmup_epochs=1.0, resolution=32, weight_decay=5e-5, label_smoothing=0.1),
+                 warmup_epochs=1.0, resolution=32, weight_decay=5e-5, label_smoothing=0.1,
+                 crop_scale_min=0.35, hflip=False),
     "paper": dict(epochs=50, batch_size=192, lr=0.3, warmup_epochs=5.0, schedule="cosine",
                   optimizer="sgd", momentum=0.9, weight_decay=1e-4, label_smoothing=0.1,
                   resolution=224, min_resolution=160, ramp_epochs=40, workers=8,

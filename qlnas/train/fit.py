@@ -190,7 +190,9 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop)
                      num_workers=config.workers)
     train_loader = build_train_loader(train_path, batch_size=per_rank,
                                       resolution=config.resolution, seed=config.seed,
-                                      decoder=config.decoder, **loader_kw)
+                                      decoder=config.decoder,
+                                      scale=(config.crop_scale_min, 1.0), flip=config.hflip,
+                                      **loader_kw)
     val_loader = build_val_loader(val_path, batch_size=per_rank, resolution=config.resolution,
                                   **loader_kw)
     steps = len(train_loader) if not config.max_steps_per_epoch \

@@ -1,0 +1,70 @@
+"""TrainConfig: recipes, YAML and the CLI's one-line errors for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from qlnas.errors import UserError
+from qlnas.train.config import RECIPES, TrainConfig, field_docs, resolve_config
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipes_are_valid(recipe):
+    config = resolve_config(recipe)
+    assert isinstance(config, TrainConfig)
+
+
+def test_paper_recipe_matches_the_paper():
+    c = resolve_config("paper")
+    assert (c.optimizer, c.schedule, c.warmup_epochs, c.batch_size, c.lr, c.epochs) == \
+        ("sgd", "cosine", 5.0, 192, 0.3, 50)
+
+
+def test_yaml_overrides_and_unknown_key(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 0.05\nepochs: 2\narch: {form: eq4}\n")
+    c = resolve_config("demo", good, {"epochs": 3})
+    assert (c.lr, c.epochs, c.arch) == (0.05, 3, {"form": "eq4"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.05\nlearning_rate: 1\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'learning_rate'"):
+        resolve_config(None, bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("epochs: three\n")
+    with pytest.raises(UserError, match=r"typo.yaml: epochs='three' has the wrong type"):
+        resolve_config(None, typo)
+
+
+def test_validation_names_the_field():
+    with pytest.raises(ValueError, match="lr=-1.0: expected a positive number"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="optimizer='adam'"):
+        TrainConfig(optimizer="adam")
+
+
+def test_every_field_is_documented():
+    docs = field_docs(TrainConfig)
+    missing = [f for f in TrainConfig.__dataclass_fields__ if f not in docs]
+    assert not missing
+
+
+def _qlnas(*args):
+    return subprocess.run([sys.executable, "-m", "qlnas.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "-1"], "lr=-1.0: expected a positive number"),
+    (["--model", "qlnet99_nothing"], "unknown model 'qlnet99_nothing'"),
+    (["--train", "/nonexistent/train.beton"], "train_data: /nonexistent/train.beton: no such"),
+    (["--nproc", "2", "--batch-size", "63"], "batch_size=63 is not divisible by the 2"),
+    (["--arch", "form=eq9"], "ArchSpec.form='eq9'"),
+])
+def test_cli_bad_input_one_line(tmp_path, args, message):
+    proc = _qlnas("train", "--out", str(tmp_path / "run"), *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
