@@ -21,6 +21,8 @@ COMMON=(--device cuda --resolution "$RES" --batch "$BATCH" --warmup 3 --steps 10
 SUBSET=(qlnet50_eq3_softball_ds qlnet50_eq5_softball_ds resnet50 mobilenetv3_large_100)
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
 start=$SECONDS
+# 0. The training path on CUDA (nccl, bf16 autocast, channels_last), about 30 s.
+timeout 120 $PY bench/gpu_smoke.py 2>&1 | tee "$DEST/gpu-smoke.txt" || echo "gpu smoke failed"
 # 1. Every Table 1 model, eager (about 2 minutes).
 timeout 200 $PY -m qlnas.models.bench "${COMMON[@]}" --fuse --label "gpu-$CARD-eager" || echo "eager run failed or timed out"
 # 2. The "before": reference layers (folded shared conv), eager, a subset (about 1 minute).

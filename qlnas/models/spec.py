@@ -105,6 +105,8 @@ class ArchSpec:
     def replace(self, **changes) -> ArchSpec:
         """A copy with some fields changed (validated again)."""
         data = dataclasses.asdict(self)
+        if "form" in changes and "stem_linear" not in changes:
+            data["stem_linear"] = None  # the new form's default
         data.update(changes)
         return ArchSpec(**data)
 

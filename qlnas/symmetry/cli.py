@@ -152,7 +152,7 @@ def run_compress(args: argparse.Namespace) -> int:
     print(f"exact zeros: before {result.zeros_before:,}, after {result.zeros_after:,} "
           f"(of {total:,} weights)")
     print(f"relative output change (float64): random inputs {rand_change:.1e}, "
-          f"sample images {image_change:.1e}")
+          f"embedded digits {image_change:.1e}")
     print(f"weights stored sparsely (1-bit mask + float32 non-zeros): {sparse / 1e6:.3f} MB "
           f"(before {sparse0 / 1e6:.3f} MB; dense {dense / 1e6:.3f} MB)")
     _save(args.out, result.model, meta, args.dtype, symmetry="compress",
@@ -171,7 +171,7 @@ def run_canonicalize(args: argparse.Namespace) -> int:
     print(f"{_name(meta)}: canonical gauge on "
           + ", ".join(f"{s.name} ({s.group})" for s in find_streams(model)))
     print(f"relative output change (float64): random inputs {rand_change:.1e}, "
-          f"sample images {image_change:.1e}")
+          f"embedded digits {image_change:.1e}")
     _save(args.out, out, meta, args.dtype, symmetry="canonical")
     print(f"wrote {args.out} ({args.dtype})")
     return 0

@@ -13,6 +13,7 @@ do it; monomial groups move weights but never zero them. Strategies:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ ZERO_TOLERANCE = 1e-9
 """Entries zero by construction must be below this (relative to the matrix) before being
 set to exactly 0; anything larger is a bug, not rounding."""
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class Target:
@@ -78,7 +81,11 @@ def plan_last(folded: nn.Module, free: dict[str, str]) -> Plan:
         else:
             s = int(name.removeprefix("stage")) - 1
             module = f"stages.{s}.{depths[s] - 1}.proj"
-        red = row_reduce(_mat(folded, module), group, pivot=True)
+        try:
+            red = row_reduce(_mat(folded, module), group, pivot=True)
+        except torch.linalg.LinAlgError:  # rank-deficient (e.g. an untrained, zero BN scale)
+            log.warning("%s is rank-deficient: stream %s left as it is", module, name)
+            continue
         plan.transforms[name] = red.g
         plan.targets.append(Target(module, red.zeros, red.ones))
     return plan
@@ -97,16 +104,21 @@ def plan_skip(folded: nn.Module, free: dict[str, str], backward: bool) -> Plan:
             fixed[link.writes], fixed[link.reads], zeros = svd_reduce(s)
             plan.targets.append(Target(module, zeros, torch.zeros_like(zeros)))
             continue
-        if out_free:
-            t_in = fixed.get(link.reads)
-            red = row_reduce(s if t_in is None else s @ torch.linalg.inv(t_in),
-                             free[link.writes], pivot=True)
-            fixed[link.writes] = red.g
-        elif in_free:
-            t_out = fixed.get(link.writes)
-            red = col_reduce(s if t_out is None else t_out @ s, free[link.reads], pivot=True)
-            fixed[link.reads] = red.g
-        else:
+        try:
+            if out_free:
+                t_in = fixed.get(link.reads)
+                red = row_reduce(s if t_in is None else s @ torch.linalg.inv(t_in),
+                                 free[link.writes], pivot=True)
+                fixed[link.writes] = red.g
+            elif in_free:
+                t_out = fixed.get(link.writes)
+                red = col_reduce(s if t_out is None else t_out @ s, free[link.reads],
+                                 pivot=True)
+                fixed[link.reads] = red.g
+            else:
+                continue
+        except torch.linalg.LinAlgError:
+            log.warning("%s is rank-deficient: left as it is", module)
             continue
         plan.targets.append(Target(module, red.zeros, red.ones))
     return plan

@@ -5,17 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qlnas.errors import UserError
 from qlnas.symmetry.streams import check_model
-
-SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry",
-                 "hubble_deep_field", "colorwheel")
-"""Photographs shipped inside scikit-image (no download): the embedded image batch."""
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def load_model(source: str) -> tuple[nn.Module, dict, bool]:
@@ -41,19 +34,11 @@ def random_inputs(batch: int, size: int, seed: int) -> torch.Tensor:
 
 
 def image_batch(size: int = 64) -> torch.Tensor:
-    """The sample photos, centre-cropped, resized to size x size, ImageNet-normalised."""
-    import skimage.data
+    """A batch of the embedded dataset (digits validation split, centre crop, normalised)."""
+    from qlnas.data import build_val_loader, demo_dataset
 
-    images = []
-    for name in SAMPLE_IMAGES:
-        img = torch.as_tensor(getattr(skimage.data, name)()[..., :3], dtype=torch.float64)
-        h, w = img.shape[:2]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        img = img[top:top + side, left:left + side].permute(2, 0, 1).unsqueeze(0) / 255.0
-        images.append(F.interpolate(img, size=(size, size), mode="bilinear", antialias=True,
-                                    align_corners=False))
-    x = torch.cat(images)
-    mean = torch.tensor(MEAN, dtype=torch.float64).reshape(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float64).reshape(1, 3, 1, 1)
-    return (x - mean) / std
+    _, val = demo_dataset()
+    loader = build_val_loader(val, batch_size=32, resolution=size, num_workers=1)
+    for images, _ in loader:
+        return images.contiguous().to(torch.float64)
+    raise UserError(f"{val}: the embedded dataset is empty")

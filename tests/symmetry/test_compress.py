@@ -77,7 +77,7 @@ def test_strategies_count_what_the_group_allows():
 
 @pytest.mark.parametrize("form, act", [("eq3", "softball"), ("eq5", "none"), ("glb", "relu")])
 def test_monomial_only_models_are_refused(tmp_path, capsys, form, act):
-    model = small_model(form, act)
+    model = small_model(form, act, stem_linear=False)  # (a linear stem would carry GL)
     src = tmp_path / "in.pt"
     save_model_file(src, model, "qlnet26n")
     assert main(["symmetry", "compress", str(src), "--out", str(tmp_path / "o.pt")]) == 2
