@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
+    p.add_argument("--bound-samples", type=int, default=2000, help="crops timed for the bound")
     p.add_argument("--skip", nargs="*", default=(), choices=("torchvision", "stock", "ours"))
     args = p.parse_args(argv)
     work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench-loader"
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         rates["stock"] = ffcv_rate(beton, decoder="stock", **common)
     if "ours" not in args.skip:
         rates["ours"] = ffcv_rate(beton, decoder="scaled", **common)
-    bound = decode_bound(beton, args.resolution)
+    bound = decode_bound(beton, args.resolution, args.bound_samples)
     print(f"{len(list(folder.rglob('*.jpg')))} JPEGs from {folder}, {args.resolution} px, "
           f"{args.workers} workers, batch {args.batch_size}, {os.cpu_count()} cores")
     for name, rate in rates.items():

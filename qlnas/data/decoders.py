@@ -12,6 +12,7 @@ JPEGs without restart markers (or progressive ones) take step 2 alone on the who
 from __future__ import annotations
 
 import ctypes
+import types
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -35,7 +36,7 @@ MIN_MCU = 16  # the segment table is sized for MCUs of at least 16x16 (4:2:0); e
 SOF, DATA, INTERVAL, MCU_W, MCU_H, HEIGHT, WIDTH = range(7)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True)
 def parse_jpeg(data: np.ndarray, info: np.ndarray) -> bool:
     """Read a baseline JPEG's header into `info`; False for formats the segment cut cannot use."""
     n = len(data)
@@ -79,7 +80,7 @@ def parse_jpeg(data: np.ndarray, info: np.ndarray) -> bool:
     return False
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True)
 def find_segments(data: np.ndarray, start: int, last: int, starts: np.ndarray) -> int:
     """Entropy-data offsets of restart segments 0..last (`starts[s]`; segment s ends 2 bytes
     before `starts[s + 1]`). Returns how many segments were found (stops after `last`)."""
@@ -112,7 +113,7 @@ def find_segments(data: np.ndarray, start: int, last: int, starts: np.ndarray) -
     return 0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True)
 def cut_region(data: np.ndarray, info: np.ndarray, starts: np.ndarray, out: np.ndarray,
                i: int, j: int, h: int, w: int, region: np.ndarray) -> int:
     """Write to `out` a JPEG of the MCU rows and restart segments covering rows i..i+h and
@@ -174,7 +175,7 @@ def cut_region(data: np.ndarray, info: np.ndarray, starts: np.ndarray, out: np.n
     return p + 2
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True)
 def coarsest_scale(h: int, w: int, out_h: int, out_w: int) -> int:
     """The largest DCT scale denominator at which an h x w crop still covers out_h x out_w."""
     for d in SCALES:
@@ -260,6 +261,27 @@ def decode_full(data: np.ndarray, height: int, width: int, i: int, j: int, h: in
     return 1
 
 
+KERNELS = ("parse_jpeg", "find_segments", "cut_region", "coarsest_scale", "resize_region",
+           "decode_crop", "decode_full")
+
+
+def make_kernels() -> types.SimpleNamespace:
+    """A fresh set of the numba kernels above, one per compiled pipeline.
+
+    Numba drops a shared callee's compiled overloads when a caller that used them is freed
+    (a KeyError in the next pipeline), so each pipeline gets its own dispatchers, as FFCV's
+    own decoders do.
+    """
+    scope = dict(globals())
+    scope["imdecode_nb"] = njit(nogil=True)(imdecode)
+    scope["resize_crop_nb"] = njit(nogil=True)(resize_crop)
+    for name in KERNELS:
+        py = globals()[name].py_func
+        fresh = types.FunctionType(py.__code__, scope, name, py.__defaults__, py.__closure__)
+        scope[name] = njit(nogil=True)(fresh)
+    return types.SimpleNamespace(**{name: scope[name] for name in KERNELS})
+
+
 class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
     """Crop-and-resize decoder for `RGBImageField` that decodes as little of each JPEG as the
     crop needs. Subclasses choose the crop (`get_crop`).
@@ -298,6 +320,7 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         resize_crop_c = Compiler.compile(resize_crop)
+        decode_crop = make_kernels().decode_crop
         get_crop_c = Compiler.compile(type(self).get_crop)
         scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
         ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio

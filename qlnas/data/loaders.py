@@ -82,7 +82,11 @@ class SeededOrder:
 
 
 class ImageLoader:
-    """Iterable of (images float32 NCHW channels_last, labels int64) batches on `device`."""
+    """Iterable of (images float32 NCHW channels_last, labels int64) batches on `device`.
+
+    Images live in FFCV's rotating buffers and are overwritten a few batches later: use them
+    (or `.clone()` them) before moving on. Labels are copies and can be kept.
+    """
 
     def __init__(self, loader: Loader, order: SeededOrder, decoder: Any, resolution: int) -> None:
         self._loader = loader
@@ -100,7 +104,12 @@ class ImageLoader:
         if self._stale:  # a new output size: FFCV re-plans its buffers and recompiles
             self._loader.generate_code()
             self._stale = False
-        return iter(self._loader)
+        batches = iter(self._loader)
+        try:
+            for images, labels in batches:
+                yield images, labels.clone()
+        finally:
+            batches.close()
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+from ffcv.reader import Reader
+
+from qlnas.data import build_train_loader, build_val_loader, resolution_for_epoch
+from qlnas.data.loaders import IMAGENET_MEAN, IMAGENET_STD, SeededOrder
+from qlnas.errors import UserError
+
+
+def labels_of(loader):
+    return torch.cat([y for _, y in loader]).tolist()
+
+
+@pytest.fixture(scope="module")
+def train_loader(demo_betons):
+    return build_train_loader(demo_betons[0], batch_size=100, resolution=32, num_workers=2)
+
+
+def test_train_batches(train_loader):
+    assert len(train_loader) == 1437 // 100
+    images, labels = next(iter(train_loader))
+    assert images.shape == (100, 3, 32, 32) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.shape == (100,) and labels.dtype == torch.int64
+    # normalised: the digits' black background maps to -mean/std
+    low = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
+    assert torch.allclose(images.amin(dim=(0, 2, 3)), low, atol=0.05)
+
+
+def test_set_epoch_reproduces_the_order(train_loader, demo_betons):
+    train_loader.set_epoch(3)
+    first = labels_of(train_loader)
+    second = labels_of(train_loader)  # epoch 4
+    train_loader.set_epoch(3)
+    assert labels_of(train_loader) == first != second
+    other = build_train_loader(demo_betons[0], batch_size=100, resolution=32, seed=0)
+    other.set_epoch(3)
+    assert [y.tolist() for _, y in other][:2] == [first[:100], first[100:200]]
+    assert len(first) == 1400 and set(first) == set(range(10))
+
+
+def test_set_resolution(train_loader):
+    train_loader.set_resolution(48)
+    images, _ = next(iter(train_loader))
+    assert images.shape == (100, 3, 48, 48)
+    train_loader.set_resolution(32)
+
+
+def test_stock_decoder_is_selectable(demo_betons):
+    loader = build_train_loader(demo_betons[0], batch_size=64, resolution=24, decoder="stock")
+    images, labels = next(iter(loader))
+    assert images.shape == (64, 3, 24, 24) and labels.shape == (64,)
+    with pytest.raises(UserError, match="decoder"):
+        build_train_loader(demo_betons[0], batch_size=8, resolution=24, decoder="nope")
+
+
+def test_val_reads_every_sample_in_order(demo_betons):
+    loader = build_val_loader(demo_betons[1], batch_size=64, resolution=32)
+    assert len(loader) == 6
+    assert labels_of(loader) == Reader(str(demo_betons[1])).metadata["f1"].tolist()
+    with pytest.raises(TypeError):
+        loader.set_resolution(64)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        build_val_loader(tmp_path / "x.beton", batch_size=8, resolution=32)
+
+
+def test_resolution_for_epoch():
+    ramp = dict(min_res=160, max_res=192, end_ramp=13, start_ramp=11)
+    assert [resolution_for_epoch(e, **ramp) for e in (0, 11, 12, 13, 20)] == [160, 160, 192,
+                                                                               192, 192]
+    assert resolution_for_epoch(5, min_res=128, max_res=256, end_ramp=10) == 192
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_seeded_order_shares(equal):
+    orders = [SeededOrder(103, shuffle=True, seed=1, rank=r, world=4, equal_shares=equal)
+              for r in range(4)]
+    shares = [o.sample_order(7) for o in orders]
+    joined = np.concatenate(shares)
+    assert len(set(joined.tolist())) == len(joined) == (100 if equal else 103)
+    assert np.array_equal(shares[0], orders[0].sample_order(7))
+    assert not np.array_equal(shares[0], orders[0].sample_order(8))
