@@ -16,6 +16,7 @@ COMMANDS = (
     "qlnas.train.cli",
     "qlnas.search.cli",
     "qlnas.symmetry.cli",
+    "qlnas.search.tb",
     "qlnas.bench_cli",
     "qlnas.demo",
 )
