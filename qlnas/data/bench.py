@@ -70,7 +70,11 @@ def make_jpegs(root: str | os.PathLike, count: int = 2000, quality: int = 90,
     return root
 
 
+_KEEP = []  # loaders stay alive: freeing FFCV's compiled code makes numba print KeyErrors
+
+
 def _images_per_s(loader, epochs: int) -> float:
+    _KEEP.append(loader)
     for _ in loader:  # warm-up: compilation, page cache, worker start-up
         pass
     start = time.perf_counter()
