@@ -290,8 +290,10 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
     by that type."""
 
     def __init__(self, output_size: tuple[int, int], max_jpeg_bytes: int | None = None,
-                 cut_segments: bool = True) -> None:
+                 cut_segments: bool = True, seed: int = 0, flip: bool = False) -> None:
         super().__init__()
+        self.seed = int(seed)
+        self.flip = bool(flip)
         self.output_size = output_size
         self.max_jpeg_bytes = max_jpeg_bytes
         self.cut_segments = cut_segments
@@ -325,10 +327,18 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
         scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
         ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
         cut_segments = self.cut_segments
+        seed = np.int64(self.seed % 1_000_003)
+        flip = self.flip
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, pixels, cut_jpegs, seg_starts = my_storage
+            # Reproducible augmentation whatever thread decodes a sample: each sample's random
+            # crop draws from a stream seeded by (seed, the batch's first sample, the sample);
+            # the batch's first sample differs from epoch to epoch with the shuffled order.
+            first = np.int64(batch_indices[0])
             for dst_ix in my_range(len(batch_indices)):
+                np.random.seed(np.uint32((seed * 1_000_003 + first * 7_919
+                                          + np.int64(batch_indices[dst_ix])) % 4_294_967_291))
                 field = metadata[batch_indices[dst_ix]]
                 data = mem_read(field["data_ptr"], storage_state)
                 height = np.int64(field["height"])
@@ -340,6 +350,9 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
                 else:
                     image = data.reshape(height, width, 3)
                     resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
+                if flip and np.random.random() < 0.5:  # horizontal flip, same stream
+                    out = destination[dst_ix]
+                    out[:] = out[:, ::-1].copy()
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -353,8 +366,8 @@ class ScaledRandomResizedCropDecoder(ScaledResizedCropDecoder):
 
     def __init__(self, output_size: tuple[int, int], scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), max_jpeg_bytes: int | None = None,
-                 cut_segments: bool = True) -> None:
-        super().__init__(output_size, max_jpeg_bytes, cut_segments)
+                 cut_segments: bool = True, seed: int = 0, flip: bool = False) -> None:
+        super().__init__(output_size, max_jpeg_bytes, cut_segments, seed, flip)
         self.scale = scale
         self.ratio = ratio
 

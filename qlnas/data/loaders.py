@@ -189,15 +189,17 @@ def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: 
                        flip: bool = True) -> ImageLoader:
     """Random-resized-crop, flip and normalise `path` into shuffled training batches.
 
-    `decoder="scaled"` (default) decodes each JPEG only as far as the crop needs; `"stock"` is
-    FFCV's RandomResizedCropRGBImageDecoder.
+    `decoder="scaled"` (default) decodes each JPEG only as far as the crop needs, with crops
+    and flips drawn from per-sample seeded streams (same seed, epoch and world size: the same
+    batches); `"stock"` is FFCV's RandomResizedCropRGBImageDecoder (augmentation unseeded).
     """
     path = _check_file(path)
     if decoder not in DECODERS:
         raise UserError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
     size = (int(resolution), int(resolution))
     if decoder == "scaled":
-        op = ScaledRandomResizedCropDecoder(size, scale=tuple(scale),
+        # Crops and flips drawn per sample from seeded streams: reproducible batches.
+        op = ScaledRandomResizedCropDecoder(size, scale=tuple(scale), seed=seed, flip=flip,
                                             max_jpeg_bytes=_max_sample_bytes(path))
     else:
         op = RandomResizedCropRGBImageDecoder(size, scale=tuple(scale))
@@ -205,7 +207,8 @@ def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: 
     order = SeededOrder(_num_samples(path), shuffle=True, seed=seed, rank=rank, world=world,
                         equal_shares=True)
     return _build(path, op, batch_size=batch_size, device=device, order=order,
-                  num_workers=num_workers, drop_last=drop_last, flip=flip,
+                  num_workers=num_workers, drop_last=drop_last,
+                  flip=flip and decoder == "stock",  # ours flips inside the decoder
                   resolution=int(resolution), train=True)
 
 

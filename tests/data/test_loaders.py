@@ -40,6 +40,20 @@ def test_set_epoch_reproduces_the_order(train_loader, demo_betons):
     assert len(first) == 1400 and set(first) == set(range(10))
 
 
+def test_augmentations_are_reproducible(demo_betons):
+    """Same seed and epoch: the same crops and flips, whichever thread decodes a sample."""
+    def epoch_images(workers, epoch, seed=0):
+        loader = build_train_loader(demo_betons[0], batch_size=100, resolution=32, seed=seed,
+                                    num_workers=workers)
+        loader.set_epoch(epoch)
+        return torch.cat([x.clone() for x, _ in loader])
+
+    first = epoch_images(1, 0)
+    assert torch.equal(first, epoch_images(2, 0))
+    assert not torch.equal(first, epoch_images(2, 1))
+    assert not torch.equal(first, epoch_images(2, 0, seed=1))
+
+
 def test_set_resolution(train_loader):
     train_loader.set_resolution(48)
     images, _ = next(iter(train_loader))
