@@ -21,7 +21,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="search folder (default runs/search-<space>)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out")
     p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: a running cluster, else a local Ray)")
+                   help="Ray cluster address; 'local' starts a new local Ray (default: a "
+                        "running cluster, else a local Ray)")
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:

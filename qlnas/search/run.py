@@ -31,7 +31,8 @@ def _sampler(space: SearchSpace):
 
 
 def _connect(address: str | None) -> None:
-    """Join the cluster at `address`, else a running one on this machine, else start one."""
+    """Join the cluster at `address` ("local": always a new local Ray), else a running one on
+    this machine, else start one."""
     import ray
 
     if ray.is_initialized():

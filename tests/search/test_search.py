@@ -48,7 +48,8 @@ def write_space(tmp_path, **kw):
 
 
 def search(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "qlnas.cli", "search", *args],
+    return subprocess.run([sys.executable, "-m", "qlnas.cli", "search", "--address", "local",
+                           *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -96,7 +97,8 @@ def test_search_with_a_diverging_trial(tmp_path):
 def test_killed_driver_resumes_the_study(tmp_path):
     space = write_space(tmp_path, epochs=2, forms="[eq3, eq4, eq6]", lrs="[0.2]", trials=3)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "qlnas.cli", "search", "--space", str(space), "--out", str(out)]
+    cmd = [sys.executable, "-m", "qlnas.cli", "search", "--address", "local", "--space",
+           str(space), "--out", str(out)]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     first = None
