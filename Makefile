@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev rsync openssh-client openssh-server
+SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev rsync openssh-client openssh-server libjemalloc2
 SYS_STAMP := $(VENV)/.sys-ok
 VENV_STAMP := $(VENV)/.deps-ok
 
