@@ -44,7 +44,8 @@ def worker_loop(cfg: dict) -> None:
         ray.train.report({**_jsonable(metrics), **extra})
 
     should_stop = stop_poller(cfg["board"], cfg["trial_id"])
-    fit(config, dist=dist, report=report, resume=True, should_stop=should_stop)
+    fit(config, dist=dist, report=report, resume=True, should_stop=should_stop,
+        progress_bar=False)
 
 
 def trial_driver(params: dict, settings: dict) -> None:

@@ -56,6 +56,8 @@ class Parts:
     should_stop: object = None
     """Polled on rank 0 (at most every `poll_seconds`): True ends the run as pruned."""
     poll_seconds: float = 2.0
+    progress_bar: bool = True
+    """A tqdm bar per epoch on the primary process (off in Ray workers: their output is logs)."""
 
 
 def set_lr(parts: Parts, progress: Progress) -> float:
@@ -85,7 +87,8 @@ def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0
     start_batch = progress.batch
     total = len(loader) if not max_steps else min(len(loader), max_steps)
     bar = tqdm(total=total, initial=start_batch, desc=f"epoch {progress.epoch}",
-               disable=not dist.is_primary, leave=False, dynamic_ncols=True)
+               disable=not (dist.is_primary and parts.progress_bar), leave=False,
+               dynamic_ncols=True)
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen = 0
     grad_norm = torch.zeros(())

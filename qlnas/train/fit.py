@@ -160,7 +160,7 @@ class _Run:
 
 
 def fit(config: TrainConfig, dist: DistInfo | None = None, report=None,
-        resume: bool = False, should_stop=None) -> dict:
+        resume: bool = False, should_stop=None, progress_bar: bool = True) -> dict:
     """Train `config` to the end (or divergence); returns the final metrics and status.
 
     `dist`: the process's place in the job (default: from torchrun's environment, or an
@@ -173,13 +173,14 @@ def fit(config: TrainConfig, dist: DistInfo | None = None, report=None,
     own_dist = dist is None
     dist = dist or setup_distributed()
     try:
-        return _fit(config, dist, report, resume, should_stop)
+        return _fit(config, dist, report, resume, should_stop, progress_bar)
     finally:
         if own_dist:
             teardown_distributed(dist)
 
 
-def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop) -> dict:
+def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
+         progress_bar: bool) -> dict:
     from qlnas.data import build_train_loader, build_val_loader, resolution_for_epoch
 
     train_path, val_path, num_classes = validate(config, dist.world_size)
@@ -202,6 +203,7 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop)
                         f"{per_rank} per process")
     parts = _make_parts(config, model, dist, num_classes, steps)
     parts.should_stop = should_stop
+    parts.progress_bar = progress_bar
     run = _Run(config, dist, model)
     progress = Progress(world_size=dist.world_size)
     last = run.ckpt_dir / "last.pt"
