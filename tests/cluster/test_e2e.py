@@ -203,6 +203,9 @@ def test_ray_up_submit_down(cluster):
     board = (out / "leaderboard.md").read_text()
     assert "completed" in board, board
     assert len(list(out.glob("trials/*/run/tb/events.out.tfevents.*"))) == 1
+    # `qlnas` is on the head's PATH for `ray exec` too (the README's report and TensorBoard).
+    rep = ray("exec", str(config), f"qlnas report {out} --format csv", env=env, timeout=120)
+    assert rep.returncode == 0 and "completed" in rep.stdout, rep.stdout[-4000:]
     down = ray("down", "-y", str(config), env=env, timeout=180)
     assert down.returncode == 0, down.stdout[-4000:] + down.stderr[-4000:]
     (sshd.root / "down.ok").touch()
