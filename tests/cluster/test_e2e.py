@@ -3,6 +3,7 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -115,13 +116,30 @@ SetEnv HOME={self.home}
                 f"-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
                 f"-W 127.0.0.1:{self.port} root@127.0.0.1")
 
-    def stop(self) -> None:
-        self.proc.terminate()
+    def _sshd_pids(self) -> list[int]:
+        """sshd's own PID: unshare's child in a namespace (unshare ignores SIGTERM)."""
+        if not self.namespaced:
+            return [self.proc.pid]
         try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in children.split()]
+
+    def stop(self) -> None:
+        """sshd ends, and with it (PID 1 of its namespace) every process started through it."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self._sshd_pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.proc.wait(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait(timeout=20)
         self.log.close()
 
 
