@@ -25,6 +25,18 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                         "running cluster, else a local Ray)")
 
 
+def resolve_space(space: str) -> str:
+    """`space` as given, or, when it is not there, relative to this qlnas checkout (so
+    `--space search_spaces/x.yaml` also works from `ray submit`, which runs in the home)."""
+    from pathlib import Path
+
+    path = Path(space)
+    if path.exists() or path.is_absolute():
+        return space
+    repo = Path(__file__).resolve().parents[2] / path
+    return str(repo) if repo.exists() else space
+
+
 def run_search_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -32,13 +44,14 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     from qlnas.tables import format_rows
 
     out = Path(args.out or f"runs/search-{Path(args.space).stem}")
-    rows = run_search(args.space, out, resume=args.resume, address=args.address)
+    rows = run_search(resolve_space(args.space), out, resume=args.resume,
+                      address=args.address)
     print(format_rows(rows, "md"))
     print(f"\nleaderboard: {out / 'leaderboard.md'} (and .csv)")
     print(f"Pareto plot: {out / 'pareto.png'}")
     if (out / "best_config.yaml").is_file():
         print(f"best config: {out / 'best_config.yaml'} (qlnas train --config ...)")
-    print(f"TensorBoard: tensorboard --logdir {out / 'trials'}")
+    print(f"TensorBoard: qlnas tensorboard {out}   (or tensorboard --logdir {out / 'trials'})")
     return 0
 
 
