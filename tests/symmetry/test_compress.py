@@ -36,7 +36,7 @@ def test_compress_qlnet50(tmp_path, capsys, name, strategy, min_zeros, exact):
     assert main(["symmetry", "compress", str(src), "--out", str(out),
                  "--strategy", strategy, "--size", "32"]) == 0
     text = capsys.readouterr().out
-    assert "exact zeros: before" in text and "sample images" in text and "sparsely" in text
+    assert "exact zeros: before" in text and "embedded digits" in text and "sparsely" in text
     data = _check_written(out, name, model, min_zeros)
     if exact is not None:
         zeros = sum(int((v == 0).sum()) for k, v in data["state_dict"].items()
