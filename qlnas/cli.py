@@ -23,7 +23,8 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlnas", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="qlnas", description="Train, search and analyse quasi-linear hyperbolic ConvNets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
