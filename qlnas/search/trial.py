@@ -58,7 +58,7 @@ def trial_driver(params: dict, settings: dict) -> None:
     space = settings["space"]
     out = Path(settings["out"]) / "trials" / trial_id
     train_cfg = space.train_config(params, out=str(out / "run"))
-    spec, params_m, gmacs = _model_facts(train_cfg)
+    spec, params_m, gmacs = _model_facts(train_cfg, space.resources.workers_per_trial)
     record = {"trial_id": trial_id, "params": params, "spec": spec, "model": train_cfg.model,
               "params_m": params_m, "gmacs": gmacs, "started": time.time(), "status": "running",
               "train_config": train_cfg.to_dict()}
@@ -101,14 +101,13 @@ def _previous_start(out: Path) -> float | None:
     return None
 
 
-def _model_facts(train_cfg) -> tuple[dict | None, float, float]:
-    """Spec, parameters (M) and GMACs at 224 px of a trial's model."""
-    from qlnas.data import read_classes
+def _model_facts(train_cfg, world_size: int) -> tuple[dict | None, float, float]:
+    """Spec, parameters (M) and GMACs at 224 px of a trial's model (its config checked as
+    `fit` checks it, before any worker starts)."""
     from qlnas.models.complexity import count_macs, count_params
-    from qlnas.train.fit import build_model, resolve_data
+    from qlnas.train.fit import validate
 
-    train, _ = resolve_data(train_cfg)
-    model = build_model(train_cfg, len(read_classes(train)))
+    *_, model = validate(train_cfg, world_size)
     spec = getattr(model, "spec", None)
     return (spec.to_dict() if spec is not None else None, count_params(model) / 1e6,
             count_macs(model, 224) / 1e9)

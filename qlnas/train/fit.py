@@ -64,8 +64,11 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
         raise UserError(f"arch: {exc}") from None
 
 
-def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int]:
-    """Everything that can be checked before a process group exists; UserError otherwise."""
+def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.Module]:
+    """Everything that can be checked before a process group exists; UserError otherwise.
+
+    Returns the data files, the class count and the model (built from the current RNG state).
+    """
     from qlnas.data import read_classes
 
     if config.batch_size % world_size:
@@ -73,8 +76,7 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int]:
                         f"{world_size} processes")
     train, val = resolve_data(config)
     num_classes = len(read_classes(train))
-    build_model(config, num_classes)
-    return train, val, num_classes
+    return train, val, num_classes, build_model(config, num_classes)
 
 
 def _make_parts(config: TrainConfig, model: nn.Module, dist: DistInfo, num_classes: int,
@@ -181,11 +183,10 @@ def fit(config: TrainConfig, dist: DistInfo | None = None, report=None,
 
 def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
          progress_bar: bool) -> dict:
-    from qlnas.data import build_train_loader, build_val_loader, resolution_for_epoch
+    from qlnas.data import build_train_loader, build_val_loader
 
-    train_path, val_path, num_classes = validate(config, dist.world_size)
-    torch.manual_seed(config.seed)
-    model = build_model(config, num_classes)
+    torch.manual_seed(config.seed)  # the model's initialisation
+    train_path, val_path, num_classes, model = validate(config, dist.world_size)
     per_rank = config.batch_size // dist.world_size
     loader_kw = dict(device=dist.device, distributed=dist.distributed,
                      num_workers=config.workers)
@@ -231,8 +232,8 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
         parts.on_step = on_step
     status = "completed"
     try:
-        status, progress = _loop(config, parts, run, progress, train_loader, val_loader, tb, report,
-                       resolution_for_epoch)
+        status, progress = _loop(config, parts, run, progress, train_loader, val_loader, tb,
+                                 report)
     finally:
         if tb is not None:
             tb.close()
@@ -247,8 +248,10 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
     return result
 
 
-def _loop(config, parts, run, progress, train_loader, val_loader, tb, report,
-          resolution_for_epoch) -> tuple[str, Progress]:
+def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
+          ) -> tuple[str, Progress]:
+    from qlnas.data import resolution_for_epoch
+
     dist = parts.dist
     while progress.epoch < config.epochs:
         epoch = progress.epoch
