@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-SYS_PKGS := pkg-config libopencv-dev libturbojpeg0-dev rsync openssh-client openssh-server libjemalloc2
+SYS_PKGS := g++ pkg-config libopencv-dev libturbojpeg0-dev rsync openssh-client openssh-server libjemalloc2
 SYS_STAMP := $(VENV)/.sys-ok
 VENV_STAMP := $(VENV)/.deps-ok
 
@@ -31,6 +31,7 @@ $(VENV_STAMP): $(SYS_STAMP) pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	$(PIP) install -q -c constraints.txt --no-build-isolation ffcv==1.0.2
 	$(BIN)/python -c "import ffcv, qlnas, ray, optuna, timm"
+	$(BIN)/python -c "import sys; from qlnas.models.native import main; sys.exit(main())"
 	@touch $@
 
 demo: setup

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 BASELINE = "resnet50"
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+ALLOCATORS = ("keep", "system", "jemalloc")
 # Models of the scaling sweep (a subset: each point is a full subprocess run).
 SWEEP_MODELS = ("qlnet50_eq3_softball_ds", "resnet50", "mobilenetv3_large_100")
 
@@ -60,8 +61,10 @@ class BenchConfig:
     """Use the reference (unoptimised) layer implementations: the "before" numbers."""
     fuse: bool = True
     """Fold BN into convs for the inference phase (qlnas.models.fuse; torch.fx for timm)."""
-    allocator: str = "system"
-    """CPU memory allocator for the subprocess: system (glibc) or jemalloc (LD_PRELOAD)."""
+    allocator: str = "keep"
+    """CPU memory allocator of every model's subprocess: keep (glibc keeping freed memory,
+    `qlnas.allocator`, what `qlnas train` uses on CPU), system (glibc's defaults) or jemalloc
+    (LD_PRELOAD)."""
     num_classes: int = 100
     """Classifier size (Table 1's ImageNet-100 heads)."""
     phases: tuple[str, ...] = field(default=("infer", "train"))
@@ -77,9 +80,9 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.device={self.device!r}; expected cpu or cuda")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"BenchConfig.amp={self.amp!r}; expected none or bf16")
-        if self.allocator not in ("system", "jemalloc"):
-            raise ValueError(f"BenchConfig.allocator={self.allocator!r}; expected system or "
-                             "jemalloc")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"BenchConfig.allocator={self.allocator!r}; expected one of "
+                             f"{', '.join(ALLOCATORS)}")
         bad = set(self.phases) - {"infer", "train"}
         if bad:
             raise ValueError(f"BenchConfig.phases has {sorted(bad)}; expected infer, train")
@@ -233,9 +236,12 @@ def measure(name: str, cfg: BenchConfig) -> dict:
     import torch
 
     import qlnas  # noqa: F401 - registers the QL-ConvNets
+    from qlnas.allocator import keep_freed_memory
     from qlnas.models import layers
     from qlnas.models.complexity import count_macs, count_params
 
+    if cfg.allocator == "keep" and cfg.device == "cpu":
+        keep_freed_memory()
     torch.set_num_threads(cfg.threads)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -305,7 +311,19 @@ def _worker_env(cfg: BenchConfig) -> dict:
 
 
 def run_model(name: str, cfg: BenchConfig, timeout: float = 900) -> dict:
-    """Measure one model in a fresh subprocess; a failure becomes a row with an error."""
+    """Measure one model, each phase in a fresh subprocess (a process keeps the memory a phase
+    freed, which would hide the next phase's peak); a failure becomes a row with an error."""
+    row: dict = {}
+    for phase in cfg.phases:
+        part = _run_phase(name, dataclasses.replace(cfg, phases=(phase,)), timeout)
+        if "error" in part:
+            return part
+        loads = row.get("load_avg", []) + part.pop("load_avg")
+        row.update(part, load_avg=[loads[0], loads[-1]])
+    return row
+
+
+def _run_phase(name: str, cfg: BenchConfig, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "qlnas.models.bench", "--worker", name,
            "--config", json.dumps(dataclasses.asdict(cfg))]
     try:
@@ -449,13 +467,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="reference layer implementations (the 'before' numbers)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=d.fuse,
                    help="fold BN into convs for inference")
-    p.add_argument("--allocator", choices=("system", "jemalloc"), default=d.allocator)
+    p.add_argument("--allocator", choices=ALLOCATORS, default=d.allocator,
+                   help="CPU allocator of every model's process (default: keep)")
     p.add_argument("--phases", nargs="+", choices=("infer", "train"), default=list(d.phases))
     p.add_argument("--before", action="store_true",
                    help="the 'before' setting: reference layers, NCHW, no BN folding")
     p.add_argument("--fast", action="store_true",
-                   help="all speed options the device supports: channels_last, fuse, and on "
-                        "CPU jemalloc when installed (on CUDA also bf16 and compile)")
+                   help="all speed options the device supports: channels_last, fuse (on CUDA "
+                        "also bf16 and compile)")
     p.add_argument("--sweep", action="store_true",
                    help=f"also sweep resolution (64, 128, 224) and batch (16, 32, 64) for "
                         f"{', '.join(SWEEP_MODELS)}")
@@ -478,12 +497,11 @@ def _config(args: argparse.Namespace) -> BenchConfig:
     )
     if args.before:
         cfg.reference, cfg.channels_last, cfg.fuse = True, False, False
+        cfg.allocator = "system"
     if args.fast:
         cfg.channels_last, cfg.fuse = True, True
         if cfg.device == "cuda":
             cfg.amp, cfg.compile = "bf16", True
-        elif Path(JEMALLOC).exists():
-            cfg.allocator = "jemalloc"
     if cfg.allocator == "jemalloc" and not Path(JEMALLOC).exists():
         raise ValueError(f"--allocator jemalloc: {JEMALLOC} not found "
                          "(apt-get install libjemalloc2)")
@@ -495,7 +513,7 @@ def _label(cfg: BenchConfig) -> str:
              f"b{cfg.batch}"]
     parts += [t for t, on in (("cl", cfg.channels_last), ("fuse", cfg.fuse),
                               ("compile", cfg.compile), (cfg.amp, cfg.amp != "none"),
-                              (cfg.allocator, cfg.allocator != "system")) if on]
+                              (cfg.allocator, cfg.allocator != "keep")) if on]
     return "-".join(parts)
 
 

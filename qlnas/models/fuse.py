@@ -12,9 +12,10 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from qlnas.models.blocks import Eq4Block, QLBlock, Shortcut
-from qlnas.models.layers import DepthwiseConv3x3
+from qlnas.models.layers import DepthwiseConv3x3, FoldedDepthwise
 from qlnas.models.net import QLNet, Stem
 
 
@@ -45,7 +46,10 @@ def _conv(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Conv2d | Non
     if like is not None:
         stride, padding, groups = like.stride, like.padding, like.groups
     out_ch, in_per_group, kh, kw = weight.shape
-    conv = nn.Conv2d(in_per_group * groups, out_ch, (kh, kw), stride=stride, padding=padding,
+    # A 3x3 depthwise conv with a channel multiplier (the blocks' dw) gets the native kernel.
+    multiplier = in_per_group == 1 and out_ch > groups and (kh, kw) == (3, 3)
+    cls = FoldedDepthwise if multiplier and tuple(_pair(padding)) == (1, 1) else nn.Conv2d
+    conv = cls(in_per_group * groups, out_ch, (kh, kw), stride=stride, padding=padding,
                      groups=groups, bias=bias is not None)
     conv = conv.to(device=weight.device, dtype=weight.dtype)
     conv.weight.data.copy_(weight)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from qlnas.models import native
 
 _REFERENCE = False
 
@@ -41,23 +44,60 @@ def reference_path(enabled: bool = True) -> Iterator[None]:
 
 def _mkldnn_fusable(conv: nn.Module, x: torch.Tensor, other: torch.Tensor) -> bool:
     """Can conv(x) * other run as one oneDNN conv with a multiply post-op (CPU inference)?"""
-    return (not _REFERENCE and type(conv) is nn.Conv2d and x.device.type == "cpu"
+    return (not _REFERENCE and isinstance(conv, nn.Conv2d) and x.device.type == "cpu"
             and x.dtype == torch.float32 and other.dtype == torch.float32
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is None  # FLOP counters see the plain ops
-            and not (torch.is_grad_enabled()
-                     and (x.requires_grad or other.requires_grad or conv.weight.requires_grad)))
+            and _no_autograd(x, other, conv.weight))
+
+
+def _triton_dw(x: torch.Tensor):
+    """The Triton kernels' module when selected for `x` (``QLNAS_TRITON=1``, CUDA), else None."""
+    if _REFERENCE or os.environ.get("QLNAS_TRITON", "0") != "1" or torch.compiler.is_compiling():
+        return None
+    from qlnas.models import triton_dw  # imports triton: only when asked for
+
+    return triton_dw if triton_dw.enabled(x) else None
+
+
+def _no_autograd(*tensors: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+class FoldedDepthwise(nn.Conv2d):
+    """A 3x3 depthwise conv with a channel multiplier and a bias: a BN folded into the QL
+    blocks' ``dw`` (`qlnas.models.fuse`). At CPU inference it runs on the native kernel, on
+    CUDA on the Triton one when selected (``QLNAS_TRITON=1``)."""
+
+    def fast_kernel(self, x: torch.Tensor, *others: torch.Tensor):
+        """`native` or `triton_dw` when one applies to these tensors, else None."""
+        if self.out_channels == self.in_channels or not _no_autograd(x, self.weight, *others):
+            return None
+        tri = _triton_dw(x)
+        if tri is not None:
+            return tri
+        return native if not _REFERENCE and native.eligible(x, self.weight, *others) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.fast_kernel(x)
+        if kernel is not None:
+            return kernel.depthwise3x3_mul(x, self.weight, self.bias, None, self.stride[0])
+        return super().forward(x)
 
 
 def conv_mul(conv: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """conv(x) * other: the product the QL blocks compute next to a conv.
 
-    On CPU without autograd it is one oneDNN convolution whose multiply is a post-op, so the
-    conv's output is never written and read back (a fused model's BN is already in the conv's
-    bias). Elsewhere (training, CUDA, torch.compile, the reference path) it is the plain
-    expression, which torch.compile fuses by itself.
+    On CPU without autograd it is one pass: the native kernel's epilogue for a folded
+    depthwise conv, else one oneDNN convolution whose multiply is a post-op, so the conv's
+    output is never written and read back (a fused model's BN is already in the conv's bias).
+    Elsewhere (training, CUDA, torch.compile, the reference path) it is the plain expression,
+    which torch.compile fuses by itself.
     """
+    kernel = conv.fast_kernel(x, other) if isinstance(conv, FoldedDepthwise) else None
+    if kernel is not None:
+        return kernel.depthwise3x3_mul(x, conv.weight, conv.bias, other, conv.stride[0])
     if _mkldnn_fusable(conv, x, other):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, other, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
@@ -139,15 +179,26 @@ class DepthwiseConv3x3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.channels, self.k
         groups = n if self.expand else n * k
-        if not self.shared:
-            return F.conv2d(x, self.weight, None, self.stride, 1, 1, groups)
         if _REFERENCE:
+            if not self.shared:
+                return F.conv2d(x, self.weight, None, self.stride, 1, 1, groups)
             return self._forward_folded(x)
         # Fast path: one grouped conv with the kernel repeated over the channels. The repeat
         # is 9 n k numbers (at most 74 KB), against activations of tens of MB, and the
         # backward sums its gradient back onto the k shared kernels; oneDNN's and cuDNN's
         # depthwise kernels are 3-6x faster than the folded conv (1 input channel, batch b n).
-        return F.conv2d(x, self.full_weight(), None, self.stride, 1, 1, groups)
+        return self._conv(x, self.full_weight(), groups)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        # A channel multiplier above 1 runs on the native CPU kernel where it can (oneDNN's
+        # generic grouped conv is 2-3x slower); multiplier 1 is oneDNN's own depthwise kernel.
+        if self.expand and self.k > 1:
+            tri = _triton_dw(x)
+            if tri is not None:
+                return tri.depthwise3x3(x, weight, self.stride)
+            if native.eligible(x, weight):
+                return native.depthwise3x3(x, weight, self.k, self.stride)
+        return F.conv2d(x, weight, None, self.stride, 1, 1, groups)
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         """Reference: the channels folded into the batch, so the shared kernel is used as is."""

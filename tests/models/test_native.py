@@ -1,0 +1,106 @@
+"""The native CPU depthwise kernel computes what PyTorch's grouped conv computes.
+
+It runs in float32 only, so these tests compare in float32 (the float64 tests of
+test_fast_paths.py see PyTorch's conv on the fast path).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlnas  # noqa: F401
+from qlnas.models import fuse, native
+from qlnas.models.layers import DepthwiseConv3x3, FoldedDepthwise, reference_path
+from tests.models.test_fast_paths import SMALL, perturbed, train_step_outputs
+from tests.models.test_fuse import rel_err
+
+
+def test_kernel_builds_here():
+    # CI and `make setup` have a compiler; a silent fallback would hide a broken kernel.
+    assert native.library() is not None
+    assert native.eligible(torch.zeros(1))
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("n,k,stride,h,w", [
+    (6, 4, 1, 9, 9), (6, 4, 2, 9, 9), (5, 2, 1, 7, 11), (5, 2, 2, 8, 5), (3, 6, 2, 6, 7),
+    (11, 3, 1, 4, 4), (64, 4, 1, 8, 8), (40, 4, 2, 5, 6), (1, 4, 1, 1, 1),
+])
+def test_depthwise_forward_and_gradients(n, k, stride, h, w, channels_last):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, n, h, w).contiguous(memory_format=fmt).requires_grad_(True)
+    weight = torch.randn(n * k, 1, 3, 3, requires_grad=True)
+    expect = F.conv2d(x, weight, None, stride, 1, 1, n)
+    gy = torch.randn_like(expect)
+    egx, egw = torch.autograd.grad(expect, (x, weight), gy)
+    got = native.depthwise3x3(x, weight, k, stride)
+    assert got.shape == expect.shape
+    gx, gw = torch.autograd.grad(got, (x, weight), gy)
+    for a, b in ((got, expect), (gx, egx), (gw, egw)):
+        assert max_rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_bias_and_product_in_one_pass(stride):
+    torch.manual_seed(1)
+    n, k = 12, 4
+    x = torch.randn(2, n, 10, 10).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(n * k, 1, 3, 3), torch.randn(n * k)
+    plain = F.conv2d(x, weight, bias, stride, 1, 1, n)
+    other = torch.randn_like(plain)
+    torch.testing.assert_close(native.depthwise3x3_mul(x, weight, bias, other, stride),
+                               plain * other, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(native.depthwise3x3_mul(x, weight, bias, None, stride), plain,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_layer_uses_the_kernel_only_where_it_applies(shared):
+    x = torch.randn(2, 4, 6, 6)
+    expand = DepthwiseConv3x3(4, 4, shared=shared)
+    assert expand(x).grad_fn.name().startswith("_DepthwiseFn")
+    per_channel = DepthwiseConv3x3(4, 4, shared=shared, expand=False)  # oneDNN's own kernel
+    assert "Depthwise" not in per_channel(torch.randn(2, 16, 6, 6)).grad_fn.name()
+    as_double = expand.double()(x.double())  # float64: PyTorch's conv
+    assert "Depthwise" not in as_double.grad_fn.name()
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_train_step_matches_reference_in_float32(name):
+    model = perturbed(name).train()
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with reference_path():
+        ref_out, ref_grads = train_step_outputs(model, x)
+    out, grads = train_step_outputs(model, x)
+    assert rel_err(out, ref_out) < 1e-4
+    floor = max(g.norm().item() for g in ref_grads.values())
+    for key, g in grads.items():
+        err = (g - ref_grads[key]).norm().item() / max(ref_grads[key].norm().item(), floor * 1e-2)
+        assert err < 1e-3, key
+
+
+def test_fused_model_runs_the_kernel():
+    fused = fuse(perturbed("qlnet26n_eq3_softball_ds").eval())
+    folded = [m for m in fused.modules() if isinstance(m, FoldedDepthwise)]
+    assert folded
+    assert all(m.fast_kernel(torch.zeros(1, m.in_channels, 4, 4)) is native for m in folded)
+
+
+def test_switched_off_the_model_still_trains():
+    code = ("import torch, timm, qlnas; from qlnas.models import native; "
+            "m = timm.create_model('qlnet26n_eq3_softball_ds', num_classes=3); "
+            "m(torch.randn(2, 3, 32, 32)).sum().backward(); "
+            "print(native.library() is None)")
+    env = dict(os.environ, QLNAS_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "True"
