@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlnas.models.layers import DepthwiseConv3x3, conv_mul, create_act
+from qlnas.models import native
+from qlnas.models.layers import DepthwiseConv3x3, conv_mul, create_act, use_reference
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -58,10 +59,14 @@ class QLBlock(nn.Module):
         return self.act(self.shortcut(u) + self.residual(u))
 
     def dw_times(self, u: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """bn_dw(dw(u)) * other; one fused op at CPU inference once BN is folded (`fuse`)."""
+        """bn_dw(dw(u)) * other: one pass at inference once BN is folded (`fuse`), and the BN
+        and the product in one native op in CPU training."""
         if isinstance(self.bn_dw, nn.Identity):
             return conv_mul(self.dw, u, other)
-        return self.bn_dw(self.dw(u)) * other
+        y = self.dw(u)
+        if not use_reference() and native.bn_mul_fusable(self.bn_dw, y, other):
+            return native.bn_mul(self.bn_dw, y, other)
+        return self.bn_dw(y) * other
 
 
 class Eq3Block(QLBlock):

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -65,6 +66,24 @@ inline void expand(const float* __restrict__ in, float* __restrict__ out, int64_
   }
   for (; p < count; ++p)
     for (int64_t c = 0; c < k; ++c) out[p * k + c] = in[p];
+}
+
+// out[j] = sum_c in[j * k + c] for c < k: the k copies of a channel summed back (the
+// gradient of `expand`); fixed k = 2, 4 so the compiler vectorises the strided loads.
+inline void sum_groups(const float* __restrict__ in, float* __restrict__ out, int64_t n,
+                       int64_t k) {
+  if (k == 4) {
+    for (int64_t j = 0; j < n; ++j)
+      out[j] = (in[4 * j] + in[4 * j + 1]) + (in[4 * j + 2] + in[4 * j + 3]);
+  } else if (k == 2) {
+    for (int64_t j = 0; j < n; ++j) out[j] = in[2 * j] + in[2 * j + 1];
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.f;
+      for (int64_t c = 0; c < k; ++c) sum += in[j * k + c];
+      out[j] = sum;
+    }
+  }
 }
 
 // Rows of the input with each channel repeated k times, cached for the next output rows.
@@ -126,12 +145,38 @@ inline void dot_taps(float* __restrict__ out, const float* const* a, const float
   }
 }
 
-// acc[o] += a[o] * b[o]
-inline void fma_row(float* __restrict__ acc, const float* __restrict__ a,
-                    const float* __restrict__ b, int64_t C) {
+// acc[dx * C + o] += sum_wo gy[wo][o] * xe[wo * s - 1 + dx][o] for the three taps dx of one
+// kernel row: 32 channels at a time, the three sums in registers across the whole row.
+inline void weight_grad_row(float* acc, const float* gy, const float* xe, const Geometry& g) {
+  const int64_t C = g.C;
   int64_t o = 0;
-  for (; o + 8 <= C; o += 8) store(acc + o, load(acc + o) + load(a + o) * load(b + o));
-  for (; o < C; ++o) acc[o] += a[o] * b[o];
+  for (; o + kBlock <= C; o += kBlock) {
+    vec8 s[3][4] = {};
+    for (int64_t wo = 0; wo < g.Wo; ++wo) {
+      const float* gr = gy + wo * C + o;
+      const vec8 g0 = load(gr), g1 = load(gr + 8), g2 = load(gr + 16), g3 = load(gr + 24);
+      for (int dx = 0; dx < 3; ++dx) {
+        const int64_t wi = wo * g.s - 1 + dx;
+        if (wi < 0 || wi >= g.W) continue;
+        const float* xr = xe + wi * C + o;
+        s[dx][0] += g0 * load(xr);
+        s[dx][1] += g1 * load(xr + 8);
+        s[dx][2] += g2 * load(xr + 16);
+        s[dx][3] += g3 * load(xr + 24);
+      }
+    }
+    for (int dx = 0; dx < 3; ++dx)
+      for (int v = 0; v < 4; ++v) {
+        float* a = acc + dx * C + o + 8 * v;
+        store(a, load(a) + s[dx][v]);
+      }
+  }
+  for (; o < C; ++o)
+    for (int64_t wo = 0; wo < g.Wo; ++wo)
+      for (int dx = 0; dx < 3; ++dx) {
+        const int64_t wi = wo * g.s - 1 + dx;
+        if (wi >= 0 && wi < g.W) acc[dx * C + o] += gy[wo * C + o] * xe[wi * C + o];
+      }
 }
 
 }  // namespace
@@ -214,12 +259,7 @@ std::vector<torch::Tensor> dw3x3_backward(torch::Tensor gy, torch::Tensor x,
             }
           }
           dot_taps(tmp.data(), src, wts, taps, nullptr, nullptr, g.C);
-          float* __restrict__ out = gxp + (r * g.W + wi) * g.n;
-          for (int64_t j = 0; j < g.n; ++j) {
-            float sum = 0.f;
-            for (int64_t c = 0; c < g.k; ++c) sum += tmp[j * g.k + c];
-            out[j] = sum;
-          }
+          sum_groups(tmp.data(), gxp + (r * g.W + wi) * g.n, g.n, g.k);
         }
       }
     });
@@ -236,14 +276,7 @@ std::vector<torch::Tensor> dw3x3_backward(torch::Tensor gy, torch::Tensor x,
           const int64_t hi = ho * g.s - 1 + dy;
           if (hi < 0 || hi >= g.H) continue;
           const float* xe = rows.row(b, hi);
-          for (int64_t wo = 0; wo < g.Wo; ++wo) {
-            const float* grow = gp + (r * g.Wo + wo) * g.C;
-            for (int64_t dx = 0; dx < 3; ++dx) {
-              const int64_t wi = wo * g.s - 1 + dx;
-              if (wi < 0 || wi >= g.W) continue;
-              fma_row(acc + (dy * 3 + dx) * g.C, grow, xe + wi * g.C, g.C);
-            }
-          }
+          weight_grad_row(acc + dy * 3 * g.C, gp + r * g.Wo * g.C, xe, g);
         }
       }
     });
@@ -255,7 +288,153 @@ std::vector<torch::Tensor> dw3x3_backward(torch::Tensor gy, torch::Tensor x,
   return {gx, gw};
 }
 
+// ---- train-mode BatchNorm followed by a product: p = bn(y) * c, in two passes each way ----
+// y, c: (P, C) channels-last rows. Statistics are summed in float over blocks of rows, then in
+// double, around a per-channel shift (the first row), so large means do not cancel.
+
+namespace {
+
+constexpr int64_t kRowsPerFlush = 256;
+
+// Per-channel sums over all rows of f(row, acc_a, acc_b), run in parallel; returns 2*C doubles.
+template <typename RowFn>
+std::vector<double> channel_sums(int64_t P, int64_t C, RowFn row_fn) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> total(threads * 2 * C, 0.0);
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    double* tot = total.data() + at::get_thread_num() * 2 * C;
+    std::vector<float> acc(2 * C, 0.f);
+    for (int64_t r0 = begin; r0 < end; r0 += kRowsPerFlush) {
+      const int64_t r1 = std::min(end, r0 + kRowsPerFlush);
+      for (int64_t r = r0; r < r1; ++r) row_fn(r, acc.data(), acc.data() + C);
+      for (int64_t i = 0; i < 2 * C; ++i) tot[i] += acc[i], acc[i] = 0.f;
+    }
+  });
+  std::vector<double> sums(2 * C, 0.0);
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t i = 0; i < 2 * C; ++i) sums[i] += total[t * 2 * C + i];
+  return sums;
+}
+
+}  // namespace
+
+// Returns p = bn(y) * c (P, C), the batch mean and 1/sqrt(var + eps) (biased var), and the
+// unbiased variance (for the running estimate).
+std::vector<torch::Tensor> bn_mul_forward(torch::Tensor y, torch::Tensor c, torch::Tensor gamma,
+                                          torch::Tensor beta, double eps) {
+  const int64_t C = y.size(-1), P = y.numel() / C;
+  const float* yp = y.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  std::vector<float> shift_k(yp, yp + C);
+  const float* K = shift_k.data();
+  auto sums = channel_sums(P, C, [&](int64_t r, float* __restrict__ s1, float* __restrict__ s2) {
+    const float* row = yp + r * C;
+    for (int64_t o = 0; o < C; ++o) {
+      const float d = row[o] - K[o];
+      s1[o] += d;
+      s2[o] += d * d;
+    }
+  });
+  auto opts = y.options();
+  auto mean = torch::empty({C}, opts), invstd = torch::empty({C}, opts);
+  auto var_unbiased = torch::empty({C}, opts);
+  std::vector<float> scale(C), shift(C);
+  const float* gp = gamma.data_ptr<float>();
+  const float* bp = beta.data_ptr<float>();
+  float* mean_p = mean.data_ptr<float>();
+  float* invstd_p = invstd.data_ptr<float>();
+  float* var_p = var_unbiased.data_ptr<float>();
+  for (int64_t o = 0; o < C; ++o) {
+    const double m1 = sums[o] / P;
+    const double var = std::max(sums[C + o] / P - m1 * m1, 0.0);
+    const double mu = K[o] + m1, is = 1.0 / std::sqrt(var + eps);
+    mean_p[o] = static_cast<float>(mu);
+    invstd_p[o] = static_cast<float>(is);
+    var_p[o] = static_cast<float>(P > 1 ? var * P / (P - 1) : var);
+    scale[o] = static_cast<float>(gp[o] * is);
+    shift[o] = static_cast<float>(bp[o] - mu * gp[o] * is);
+  }
+  auto p = torch::empty_like(y);
+  float* pp = p.data_ptr<float>();
+  const float* sc = scale.data();
+  const float* sh = shift.data();
+  at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict__ yr = yp + r * C;
+      const float* __restrict__ cr = cp + r * C;
+      float* __restrict__ out = pp + r * C;
+      for (int64_t o = 0; o < C; ++o) out[o] = (yr[o] * sc[o] + sh[o]) * cr[o];
+    }
+  });
+  return {p, mean, invstd, var_unbiased};
+}
+
+// Gradients of p = bn(y) * c: gy, gc, dgamma, dbeta.
+std::vector<torch::Tensor> bn_mul_backward(torch::Tensor gp, torch::Tensor y, torch::Tensor c,
+                                           torch::Tensor mean, torch::Tensor invstd,
+                                           torch::Tensor gamma, torch::Tensor beta) {
+  const int64_t C = y.size(-1), P = y.numel() / C;
+  const float* gpp = gp.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* mu = mean.data_ptr<float>();
+  const float* is = invstd.data_ptr<float>();
+  const float* ga = gamma.data_ptr<float>();
+  const float* be = beta.data_ptr<float>();
+  std::vector<float> scale(C), shift(C);
+  for (int64_t o = 0; o < C; ++o) scale[o] = ga[o] * is[o], shift[o] = be[o] - mu[o] * scale[o];
+  const float* sc = scale.data();
+  const float* sh = shift.data();
+  auto gc = torch::empty_like(c);
+  float* gcp = gc.data_ptr<float>();
+  // Pass 1: gc = gp * bn(y); sums of gz = gp * c and of gz * (y - mean).
+  auto sums = channel_sums(P, C, [&](int64_t r, float* __restrict__ s1, float* __restrict__ s2) {
+    const float* __restrict__ g = gpp + r * C;
+    const float* __restrict__ yr = yp + r * C;
+    const float* __restrict__ cr = cp + r * C;
+    float* __restrict__ out = gcp + r * C;
+    for (int64_t o = 0; o < C; ++o) {
+      out[o] = g[o] * (yr[o] * sc[o] + sh[o]);
+      const float gz = g[o] * cr[o];
+      s1[o] += gz;
+      s2[o] += gz * (yr[o] - mu[o]);
+    }
+  });
+  auto dgamma = torch::empty({C}, y.options()), dbeta = torch::empty({C}, y.options());
+  // Pass 2: gy = a gz + b y + d, the train-mode BN backward per channel.
+  std::vector<float> a(C), bcoef(C), d(C);
+  float* dgamma_p = dgamma.data_ptr<float>();
+  float* dbeta_p = dbeta.data_ptr<float>();
+  for (int64_t o = 0; o < C; ++o) {
+    const double s_gz = sums[o], s_gzy = sums[C + o];
+    dbeta_p[o] = static_cast<float>(s_gz);
+    dgamma_p[o] = static_cast<float>(s_gzy * is[o]);
+    const double ai = double(ga[o]) * is[o];
+    const double bi = -ai * is[o] * is[o] * s_gzy / P;
+    a[o] = static_cast<float>(ai);
+    bcoef[o] = static_cast<float>(bi);
+    d[o] = static_cast<float>(-ai * s_gz / P - mu[o] * bi);
+  }
+  auto gy = torch::empty_like(y);
+  float* gyp = gy.data_ptr<float>();
+  const float* ap = a.data();
+  const float* bcp = bcoef.data();
+  const float* dp = d.data();
+  at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict__ g = gpp + r * C;
+      const float* __restrict__ yr = yp + r * C;
+      const float* __restrict__ cr = cp + r * C;
+      float* __restrict__ out = gyp + r * C;
+      for (int64_t o = 0; o < C; ++o) out[o] = g[o] * cr[o] * ap[o] + yr[o] * bcp[o] + dp[o];
+    }
+  });
+  return {gy, gc, dgamma, dbeta};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &dw3x3_forward, "3x3 depthwise conv with multiplier (NHWC, fp32)");
   m.def("backward", &dw3x3_backward, "its input and weight gradients");
+  m.def("bn_mul_forward", &bn_mul_forward, "train-mode BatchNorm then a product (NHWC, fp32)");
+  m.def("bn_mul_backward", &bn_mul_backward, "its gradients");
 }
