@@ -41,8 +41,11 @@ test: setup
 	$(BIN)/ruff check qlnas tests bench search.py
 	$(BIN)/python -m pytest -q tests
 
+# The speed table (every Table 1 model, resnet50, mobilenetv3; resolution and batch sweep) and
+# the loader benchmark, into bench/results/ (about 20 minutes on 2 cores).
 bench: setup
-	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/train_step.py --sweep --label cpu
+	$(BIN)/python bench/loader.py --out bench/results
 
 lint: setup
 	$(BIN)/ruff check qlnas tests bench search.py

@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
     p.add_argument("--bound-samples", type=int, default=2000, help="crops timed for the bound")
     p.add_argument("--skip", nargs="*", default=(), choices=("torchvision", "stock", "ours"))
+    p.add_argument("--out", default=None,
+                   help="also write loader.json (images/s, ratios, bound) to this folder")
     args = p.parse_args(argv)
     work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench-loader"
     folder = Path(args.images) if args.images else make_jpegs(work / f"jpegs-{args.count}",
@@ -217,4 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode bound (one thread, same crops): stock {bound['stock_us']:.0f} us, ours "
           f"{bound['ours_us']:.0f} us per image -> {bound['bound']:.2f}x; scales used: "
           + ", ".join(f"1/{d} {bound[f'scale_1/{d}']:.0%}" for d in (1, 2, 4, 8)))
+    if args.out:
+        from qlnas.fileio import atomic_write_json
+        from qlnas.models.bench import machine
+
+        result = {"machine": machine(), "images": len(list(folder.rglob("*.jpg"))),
+                  "resolution": args.resolution, "workers": args.workers,
+                  "batch_size": args.batch_size, "img_s": rates, "decode_bound": bound}
+        path = Path(args.out) / "loader.json"
+        atomic_write_json(result, path)
+        print(f"wrote {path}")
     return 0

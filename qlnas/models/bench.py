@@ -46,7 +46,7 @@ class BenchConfig:
     """Intra-op threads (torch.set_num_threads and OMP_NUM_THREADS)."""
     warmup: int = 2
     """Untimed steps before timing (per phase)."""
-    steps: int = 3
+    steps: int = 5
     """Timed steps (per phase); images/s uses the fastest one (the least disturbed by other
     processes on a shared machine; the median is kept in the JSON too)."""
     device: str = "cpu"
@@ -230,7 +230,7 @@ def _fuse_any(model):
         return model
 
 
-def measure(name: str, cfg: BenchConfig) -> dict:
+def measure(name: str, cfg: BenchConfig, macs: bool = True) -> dict:
     """Time inference and one training step of one model in this process."""
     import timm
     import torch
@@ -249,7 +249,9 @@ def measure(name: str, cfg: BenchConfig) -> dict:
     device = torch.device(cfg.device)
     model = timm.create_model(name, num_classes=cfg.num_classes)
     row = {"model": name, "params_m": count_params(model) / 1e6,
-           "gmacs": count_macs(model, cfg.resolution) / 1e9, "load_avg_start": os.getloadavg()[0]}
+           "load_avg_start": os.getloadavg()[0]}
+    if macs:
+        row["gmacs"] = count_macs(model, cfg.resolution) / 1e9
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     x = torch.randn(cfg.batch, 3, cfg.resolution, cfg.resolution, device=device)
@@ -311,11 +313,15 @@ def _worker_env(cfg: BenchConfig) -> dict:
 
 
 def run_model(name: str, cfg: BenchConfig, timeout: float = 900) -> dict:
-    """Measure one model, each phase in a fresh subprocess (a process keeps the memory a phase
-    freed, which would hide the next phase's peak); a failure becomes a row with an error."""
+    """Measure one model in a fresh subprocess, on CPU one per phase (a process keeps the memory
+    a phase freed, which would hide the next phase's peak); a failure becomes a row with an
+    error."""
+    if cfg.device == "cuda":  # CUDA's peak counter is reset per phase
+        return _run_phase(name, cfg, timeout, macs=True)
     row: dict = {}
     for phase in cfg.phases:
-        part = _run_phase(name, dataclasses.replace(cfg, phases=(phase,)), timeout)
+        part = _run_phase(name, dataclasses.replace(cfg, phases=(phase,)), timeout,
+                          macs="gmacs" not in row)
         if "error" in part:
             return part
         loads = row.get("load_avg", []) + part.pop("load_avg")
@@ -323,9 +329,9 @@ def run_model(name: str, cfg: BenchConfig, timeout: float = 900) -> dict:
     return row
 
 
-def _run_phase(name: str, cfg: BenchConfig, timeout: float) -> dict:
+def _run_phase(name: str, cfg: BenchConfig, timeout: float, macs: bool) -> dict:
     cmd = [sys.executable, "-m", "qlnas.models.bench", "--worker", name,
-           "--config", json.dumps(dataclasses.asdict(cfg))]
+           "--config", json.dumps(dataclasses.asdict(cfg))] + ([] if macs else ["--no-macs"])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(cfg),
                               timeout=timeout)
@@ -485,6 +491,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for JSON and PNG (default: $OUT if set, else bench/results)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--no-macs", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -545,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
         cfg = BenchConfig(**json.loads(args.config))
-        print(json.dumps(measure(args.worker, cfg)), flush=True)
+        print(json.dumps(measure(args.worker, cfg, macs=not args.no_macs)), flush=True)
         return 0
     from qlnas.fileio import atomic_write_json
     from qlnas.models.complexity import TABLE1

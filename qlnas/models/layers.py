@@ -54,7 +54,8 @@ def _mkldnn_fusable(conv: nn.Module, x: torch.Tensor, other: torch.Tensor) -> bo
 
 def _triton_dw(x: torch.Tensor):
     """The Triton kernels' module when selected for `x` (``QLNAS_TRITON=1``, CUDA), else None."""
-    if _REFERENCE or os.environ.get("QLNAS_TRITON", "0") != "1" or torch.compiler.is_compiling():
+    if (_REFERENCE or os.environ.get("QLNAS_TRITON", "0") != "1"
+            or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None):
         return None
     from qlnas.models import triton_dw  # imports triton: only when asked for
 
