@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 import qlnas  # noqa: F401
 from qlnas.models import fuse, native
-from qlnas.models.layers import DepthwiseConv3x3, FoldedDepthwise, reference_path
-from tests.models.test_fast_paths import SMALL, perturbed, train_step_outputs
-from tests.models.test_fuse import rel_err
+from qlnas.models.layers import DepthwiseConv3x3, FoldedDepthwise
+from tests.models.test_fast_paths import SMALL, perturbed, step_errors
 
 
 def test_kernel_builds_here():
@@ -77,15 +76,10 @@ def test_layer_uses_the_kernel_only_where_it_applies(shared):
 @pytest.mark.parametrize("name", SMALL)
 def test_train_step_matches_reference_in_float32(name):
     model = perturbed(name).train()
+    # Batch 8: train-mode BN over fewer samples amplifies fp32 rounding through the blocks.
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with reference_path():
-        ref_out, ref_grads = train_step_outputs(model, x)
-    out, grads = train_step_outputs(model, x)
-    assert rel_err(out, ref_out) < 1e-4
-    floor = max(g.norm().item() for g in ref_grads.values())
-    for key, g in grads.items():
-        err = (g - ref_grads[key]).norm().item() / max(ref_grads[key].norm().item(), floor * 1e-2)
-        assert err < 1e-3, key
+    out_err, grad_err = step_errors(model, x)
+    assert out_err < 1e-4 and grad_err < 1e-3
 
 
 def test_fused_model_runs_the_kernel():

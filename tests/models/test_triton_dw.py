@@ -18,7 +18,7 @@ CHECK = textwrap.dedent("""
     import torch, torch.nn.functional as F, timm, qlnas
     from qlnas.models import fuse, triton_dw
     from qlnas.models.layers import reference_path
-    from tests.models.test_fast_paths import perturbed, train_step_outputs
+    from tests.models.test_fast_paths import perturbed, step_errors
     torch.manual_seed(0)
     worst = 0.0
     def rel(a, b):
@@ -41,13 +41,7 @@ CHECK = textwrap.dedent("""
     # samples amplifies fp32 rounding), and fused inference.
     m = perturbed("qlnet26n_eq3_softball_ds").train()
     x = torch.randn(8, 3, 32, 32)
-    with reference_path():
-        ref_out, ref_grads = train_step_outputs(m, x)
-    out, grads = train_step_outputs(m, x)
-    floor = max(g.norm().item() for g in ref_grads.values())
-    worst = max(worst, rel(out, ref_out), *(
-        (g - ref_grads[key]).norm().item() / max(ref_grads[key].norm().item(), floor * 1e-2)
-        for key, g in grads.items()))
+    worst = max(worst, *step_errors(m, x))
     m.eval()
     with torch.no_grad(), reference_path():
         ref = m(x)
