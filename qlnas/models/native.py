@@ -63,9 +63,12 @@ def library() -> ModuleType | None:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # CUDA_HOME
             from torch.utils.cpp_extension import load
 
+            build = _build_dir()
+            if not any(build.glob("qlnas_dw3x3*.so")):
+                log.info("building the native depthwise kernel in %s (once, about a minute)",
+                         build)
             _lib = load(name="qlnas_dw3x3", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                        extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
-                        verbose=False)
+                        extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
         except Exception as exc:  # no compiler, no ninja, ...: PyTorch's conv still works
             log.warning("native depthwise kernel unavailable (%s); using PyTorch's conv",
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -164,7 +167,7 @@ def bn_mul(bn: torch.nn.BatchNorm2d, y: torch.Tensor, c: torch.Tensor) -> torch.
 
 def main() -> int:
     """Build the kernel now (``make setup`` does), so a first training step does not wait."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     lib = library()
     where = f" ({Path(lib.__file__).parent})" if lib else ""
     print(f"native depthwise kernel: {'ready' if lib else 'unavailable'}{where}")
