@@ -174,12 +174,14 @@ def op_traffic_bytes(fn) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
+    views = _view_ops()
+
     class Count(TorchDispatchMode):
         total = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func._overloadpacket not in _VIEW_OPS:
+            if func._overloadpacket not in views:
                 flat = tree_flatten((args, kwargs, out))[0]
                 Count.total += sum(t.numel() * t.element_size() for t in flat
                                    if isinstance(t, torch.Tensor))
@@ -197,9 +199,6 @@ def _view_ops() -> set:
             a.as_strided, a.detach, a.alias, a.unsqueeze, a.squeeze, a.slice, a.split,
             a.chunk, a.split_with_sizes, a.select, a.empty, a.empty_like, a.zeros_like,
             a.ones_like, a.empty_strided, a.lift_fresh, a.clone}
-
-
-_VIEW_OPS: set = set()
 
 
 def bandwidth_gb_s(threads: int, mb: int = 256) -> float:
@@ -269,8 +268,8 @@ def measure(name: str, cfg: BenchConfig, macs: bool = True) -> dict:
                 net(x)
 
         with _Memory(cfg.device) as mem:
-            first, med, times = _time_steps(infer, cfg)
-        row.update(infer_img_s=cfg.batch / med, infer_peak_mb=mem.peak / 2**20,
+            first, best, times = _time_steps(infer, cfg)
+        row.update(infer_img_s=cfg.batch / best, infer_peak_mb=mem.peak / 2**20,
                    infer_first_s=first, infer_step_s=times,
                    infer_median_img_s=cfg.batch / statistics.median(times))
         del net
@@ -288,13 +287,12 @@ def measure(name: str, cfg: BenchConfig, macs: bool = True) -> dict:
             opt.step()
 
         with _Memory(cfg.device) as mem:
-            first, med, times = _time_steps(train, cfg)
-        row.update(train_img_s=cfg.batch / med, train_peak_mb=mem.peak / 2**20,
+            first, best, times = _time_steps(train, cfg)
+        row.update(train_img_s=cfg.batch / best, train_peak_mb=mem.peak / 2**20,
                    train_first_s=first, train_step_s=times,
                    train_median_img_s=cfg.batch / statistics.median(times))
     row["load_avg"] = [row.pop("load_avg_start"), os.getloadavg()[0]]
     if cfg.device == "cpu" and "train" in cfg.phases:
-        _VIEW_OPS.update(_view_ops())
         row["train_traffic_gb"] = op_traffic_bytes(train) / 1e9
     return row
 

@@ -59,7 +59,7 @@ def _triton_dw(x: torch.Tensor):
         return None
     from qlnas.models import triton_dw  # imports triton: only when asked for
 
-    return triton_dw if triton_dw.enabled(x) else None
+    return triton_dw if triton_dw.runs_on(x) else None
 
 
 def _no_autograd(*tensors: torch.Tensor) -> bool:

@@ -84,11 +84,12 @@ def eligible(*tensors: torch.Tensor) -> bool:
             and library() is not None)
 
 
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> contiguous (B, H, W, C); no copy for a channels_last tensor."""
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _taps(weight: torch.Tensor) -> torch.Tensor:
+def taps(weight: torch.Tensor) -> torch.Tensor:
     """(C, 1, 3, 3) -> (9, C): each tap's weights over the channels, contiguous."""
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
@@ -99,14 +100,14 @@ class _DepthwiseFn(torch.autograd.Function):
         ctx.k, ctx.stride = k, stride
         ctx.save_for_backward(x, weight)
         empty = x.new_empty(0)
-        y = library().forward(_nhwc(x), _taps(weight), empty, empty, k, stride)
+        y = library().forward(nhwc(x), taps(weight), empty, empty, k, stride)
         return y.permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gw = library().backward(_nhwc(gy), _nhwc(x), _taps(weight), ctx.k, ctx.stride,
+        gx, gw = library().backward(nhwc(gy), nhwc(x), taps(weight), ctx.k, ctx.stride,
                                     need_x, need_w)
         gx = gx.permute(0, 3, 1, 2) if need_x else None
         gw = gw.t().reshape(weight.shape) if need_w else None
@@ -124,8 +125,8 @@ def depthwise3x3_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """(conv2d(x, weight, bias, stride, padding=1, groups=n) * other) in one pass, no autograd."""
     k = weight.shape[0] // x.shape[1]
     empty = x.new_empty(0)
-    y = library().forward(_nhwc(x), _taps(weight), empty if bias is None else bias.contiguous(),
-                          empty if other is None else _nhwc(other), k, stride)
+    y = library().forward(nhwc(x), taps(weight), empty if bias is None else bias.contiguous(),
+                          empty if other is None else nhwc(other), k, stride)
     return y.permute(0, 3, 1, 2)
 
 
@@ -134,7 +135,7 @@ def depthwise3x3_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class _BnMulFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, c, gamma, beta, eps):
-        p, mean, invstd, var = library().bn_mul_forward(_nhwc(y), _nhwc(c), gamma, beta, eps)
+        p, mean, invstd, var = library().bn_mul_forward(nhwc(y), nhwc(c), gamma, beta, eps)
         ctx.save_for_backward(y, c, mean, invstd, gamma, beta)
         ctx.mark_non_differentiable(mean, var)
         return p.permute(0, 3, 1, 2), mean, var
@@ -142,7 +143,7 @@ class _BnMulFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gp, _mean, _var):
         y, c, mean, invstd, gamma, beta = ctx.saved_tensors
-        gy, gc, dgamma, dbeta = library().bn_mul_backward(_nhwc(gp), _nhwc(y), _nhwc(c), mean,
+        gy, gc, dgamma, dbeta = library().bn_mul_backward(nhwc(gp), nhwc(y), nhwc(c), mean,
                                                           invstd, gamma, beta)
         return gy.permute(0, 3, 1, 2), gc.permute(0, 3, 1, 2), dgamma, dbeta, None
 

@@ -20,13 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from qlnas.models.native import nhwc, taps
+
 BLOCK_P, BLOCK_C = 32, 64
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Use the Triton kernels for this tensor? (CUDA, or any device in the interpreter.)"""
-    if os.environ.get("QLNAS_TRITON", "0") != "1":
-        return False
+def runs_on(x: torch.Tensor) -> bool:
+    """Can the kernels take this tensor? (CUDA, or any device in Triton's interpreter.)
+    Whether they are used at all is ``QLNAS_TRITON=1``, read by `qlnas.models.layers`."""
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -112,14 +113,6 @@ def _grad_w(gy_ptr, x_ptr, part_ptr, P, H, W, Ho, Wo, n, C,
                      tl.sum(xv.to(tl.float32) * gv, axis=0), mask=om)
 
 
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1).contiguous()
-
-
-def _taps(weight: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(weight.shape[0], 9).t().contiguous()
-
-
 def _out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
@@ -130,11 +123,11 @@ def depthwise3x3_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     b, n, h, w = x.shape
     c = weight.shape[0]
     ho, wo = _out_size(h, stride), _out_size(w, stride)
-    xh = _nhwc(x)
+    xh = nhwc(x)
     y = torch.empty(b, ho, wo, c, device=x.device, dtype=x.dtype)
-    oh = _nhwc(other) if other is not None else y
+    oh = nhwc(other) if other is not None else y
     grid = (triton.cdiv(b * ho * wo, BLOCK_P), triton.cdiv(c, BLOCK_C))
-    _fwd[grid](xh, _taps(weight), bias if bias is not None else y, oh, y, b * ho * wo, h, w,
+    _fwd[grid](xh, taps(weight), bias if bias is not None else y, oh, y, b * ho * wo, h, w,
                ho, wo, n, c, K=c // n, S=stride, HAS_BIAS=bias is not None,
                HAS_OTHER=other is not None, BP=BLOCK_P, BC=BLOCK_C)
     return y.permute(0, 3, 1, 2)
@@ -153,12 +146,12 @@ class _DepthwiseFn(torch.autograd.Function):
         b, n, h, w = x.shape
         c, s = weight.shape[0], ctx.stride
         ho, wo = gy.shape[-2:]
-        gyh, xh, taps = _nhwc(gy), _nhwc(x), _taps(weight)
+        gyh, xh, wt = nhwc(gy), nhwc(x), taps(weight)
         gx = gw = None
         if ctx.needs_input_grad[0]:
             gxh = torch.empty(b, h, w, n, device=x.device, dtype=x.dtype)
             grid = (triton.cdiv(b * h * w, BLOCK_P), triton.cdiv(n, BLOCK_C))
-            _grad_x[grid](gyh, taps, gxh, b * h * w, h, w, ho, wo, n, c, K=c // n, S=s,
+            _grad_x[grid](gyh, wt, gxh, b * h * w, h, w, ho, wo, n, c, K=c // n, S=s,
                           BP=BLOCK_P, BJ=BLOCK_C)
             gx = gxh.permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:

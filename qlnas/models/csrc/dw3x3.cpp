@@ -296,6 +296,14 @@ namespace {
 
 constexpr int64_t kRowsPerFlush = 256;
 
+// row_fn(r) for every row r in [0, P), in parallel.
+template <typename RowFn>
+void for_each_row(int64_t P, RowFn row_fn) {
+  at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row_fn(r);
+  });
+}
+
 // Per-channel sums over all rows of f(row, acc_a, acc_b), run in parallel; returns 2*C doubles.
 template <typename RowFn>
 std::vector<double> channel_sums(int64_t P, int64_t C, RowFn row_fn) {
@@ -358,13 +366,11 @@ std::vector<torch::Tensor> bn_mul_forward(torch::Tensor y, torch::Tensor c, torc
   float* pp = p.data_ptr<float>();
   const float* sc = scale.data();
   const float* sh = shift.data();
-  at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* __restrict__ yr = yp + r * C;
-      const float* __restrict__ cr = cp + r * C;
-      float* __restrict__ out = pp + r * C;
-      for (int64_t o = 0; o < C; ++o) out[o] = (yr[o] * sc[o] + sh[o]) * cr[o];
-    }
+  for_each_row(P, [&](int64_t r) {
+    const float* __restrict__ yr = yp + r * C;
+    const float* __restrict__ cr = cp + r * C;
+    float* __restrict__ out = pp + r * C;
+    for (int64_t o = 0; o < C; ++o) out[o] = (yr[o] * sc[o] + sh[o]) * cr[o];
   });
   return {p, mean, invstd, var_unbiased};
 }
@@ -420,14 +426,12 @@ std::vector<torch::Tensor> bn_mul_backward(torch::Tensor gp, torch::Tensor y, to
   const float* ap = a.data();
   const float* bcp = bcoef.data();
   const float* dp = d.data();
-  at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* __restrict__ g = gpp + r * C;
-      const float* __restrict__ yr = yp + r * C;
-      const float* __restrict__ cr = cp + r * C;
-      float* __restrict__ out = gyp + r * C;
-      for (int64_t o = 0; o < C; ++o) out[o] = g[o] * cr[o] * ap[o] + yr[o] * bcp[o] + dp[o];
-    }
+  for_each_row(P, [&](int64_t r) {
+    const float* __restrict__ g = gpp + r * C;
+    const float* __restrict__ yr = yp + r * C;
+    const float* __restrict__ cr = cp + r * C;
+    float* __restrict__ out = gyp + r * C;
+    for (int64_t o = 0; o < C; ++o) out[o] = g[o] * cr[o] * ap[o] + yr[o] * bcp[o] + dp[o];
   });
   return {gy, gc, dgamma, dbeta};
 }
