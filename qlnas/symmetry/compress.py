@@ -35,6 +35,7 @@ set to exactly 0; anything larger is a bug, not rounding."""
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Target:
     """A 1x1 conv of the transformed model and its entries that are 0 and 1 by construction."""
