@@ -20,6 +20,7 @@ SCHEDULES = ("cosine", "step")
 AMP = ("auto", "bf16", "fp16", "none")
 ON_NAN = ("stop", "rollback")
 DECODERS = ("scaled", "stock")
+EXPORTS = ("best", "model", "ema")
 
 
 @dataclass(frozen=True)
@@ -37,17 +38,19 @@ class TrainConfig:
     out: str = "runs/train"
     """Run folder: checkpoints/, tb/, metrics.csv, config.yaml, run_info.json."""
     epochs: int = 5
-    """Epochs to train."""
+    """Epochs to train, warm-up included; the LR reaches its floor at the last step. A
+    resume with another value continues the schedule over the new length from the current
+    step."""
     batch_size: int = 64
     """Global batch size (split evenly over the DDP processes)."""
     lr: float = 0.2
     """Peak learning rate (after warm-up)."""
     warmup_epochs: float = 1.0
-    """Linear warm-up length in epochs (fractions allowed)."""
+    """Linear warm-up length in epochs (fractions allowed), counted within `epochs`."""
     warmup_lr: float = 1e-4
     """Learning rate at the start of warm-up."""
     min_lr: float = 0.0
-    """Floor of the cosine schedule."""
+    """Floor of the cosine schedule, reached at the last step."""
     schedule: str = "cosine"
     """cosine or step, updated every iteration."""
     step_epochs: float = 30.0
@@ -67,13 +70,23 @@ class TrainConfig:
     cutmix: float = 0.0
     """CutMix alpha (0: off), timm's Mixup."""
     ema_decay: float = 0.0
-    """EMA decay of the weights (0: no EMA), timm's ModelEmaV3."""
+    """EMA decay of the weights (0: no EMA), timm's ModelEmaV3; validated every epoch."""
+    export: str = "best"
+    """Weights of best.pt's score and of OUT/model.pt: model, ema, or best (whichever of the
+    two validates better)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0: no clipping)."""
     compile: bool = False
     """torch.compile the model."""
     amp: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or none."""
+    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a GradScaler) or none."""
+    fp16_init_scale: float = 65536.0
+    """fp16: the GradScaler's initial loss scale."""
+    max_overflow_steps: int = 20
+    """fp16: consecutive overflow steps (skipped by the GradScaler) that count as
+    divergence."""
+    sync_bn: bool = False
+    """SyncBatchNorm across the DDP processes (CUDA only)."""
     channels_last: bool = True
     """Use the channels_last memory format."""
     resolution: int = 32
@@ -108,10 +121,12 @@ class TrainConfig:
             return ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
 
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP),
-                              ("on_nan", ON_NAN), ("decoder", DECODERS)):
+                              ("on_nan", ON_NAN), ("decoder", DECODERS),
+                              ("export", EXPORTS)):
             if getattr(self, name) not in choices:
                 raise bad(name, "one of " + ", ".join(choices))
-        for name in ("epochs", "batch_size", "resolution", "workers", "max_rollbacks"):
+        for name in ("epochs", "batch_size", "resolution", "workers", "max_rollbacks",
+                     "max_overflow_steps"):
             if getattr(self, name) < (0 if name == "max_rollbacks" else 1):
                 raise bad(name, "a positive integer")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -129,6 +144,10 @@ class TrainConfig:
             raise bad("ema_decay", "a number in [0, 1)")
         if not 0 < self.nan_lr_factor < 1:
             raise bad("nan_lr_factor", "a number in (0, 1)")
+        if not (math.isfinite(self.fp16_init_scale) and self.fp16_init_scale > 0):
+            raise bad("fp16_init_scale", "a positive number")
+        if self.export == "ema" and self.ema_decay == 0:
+            raise bad("export", "model or best when ema_decay is 0 (there is no EMA)")
         if not isinstance(self.arch, dict):
             raise bad("arch", "a mapping of ArchSpec fields")
 

@@ -92,3 +92,21 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj: object, info: DistInfo) -> list | None:
+    """Every rank's `obj` as a list indexed by rank on the primary; None elsewhere."""
+    if not info.distributed:
+        return [obj]
+    box = [None] * info.world_size if info.is_primary else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BN running statistics) on every rank: DDP leaves each rank with the
+    statistics of its own last batches, so ranks would evaluate different models."""
+    if not info.distributed:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=0)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qlnas.train.distributed import DistInfo, all_reduce_max, all_reduce_sum
+from qlnas.train.distributed import DistInfo, all_reduce_sum
 
 
 @dataclass
@@ -29,8 +29,18 @@ class Progress:
     rollbacks: int = 0
     nan_events: int = 0
     best_top1: float = -1.0
+    """Best validation top-1 so far of the weights the run exports (see `export`)."""
     world_size: int = 1
     history: list = field(default_factory=list)
+    epoch_loss_sum: float = 0.0
+    """Sum over all ranks of loss x batch of `epoch`'s batches so far (a mid-epoch resume
+    keeps the epoch's mean train loss exact)."""
+    epoch_seen: int = 0
+    """Samples over all ranks behind `epoch_loss_sum`."""
+    overflows: int = 0
+    """fp16 steps the GradScaler skipped (gradients overflowed), in total."""
+    overflow_streak: int = 0
+    """Consecutive skipped steps up to now (divergence past `max_overflow_steps`)."""
 
 
 @dataclass
@@ -51,6 +61,8 @@ class Parts:
     autocast_dtype: torch.dtype | None
     grad_clip: float
     dist: DistInfo
+    max_overflow_steps: int = 20
+    """fp16: this many consecutive overflow steps count as divergence."""
     on_step: object = None
     """Called after every optimizer step with the Progress (mid-epoch checkpoints)."""
     should_stop: object = None
@@ -74,22 +86,31 @@ def _autocast(parts: Parts):
     return torch.autocast(parts.dist.device.type, dtype=parts.autocast_dtype)
 
 
+# Per-step all-reduced counters: [non-finite loss, non-finite grads, stop asked, loss x n, n].
+_NONFINITE_LOSS, _NONFINITE_GRAD, _STOP, _LOSS, _COUNT = range(5)
+
+
 def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0,
                     tb=None) -> dict:
-    """Train one epoch from `progress.batch`; stops at once on a non-finite loss or gradient.
+    """Train one epoch from `progress.batch`; stops at once on divergence.
 
-    Returns the epoch's metrics; ``nonfinite`` is True when all ranks agreed (one all-reduced
-    flag per step) that this step's loss or gradients were not finite. No update is applied
-    then. ``stopped`` is True when `should_stop` asked to end the run (same all-reduce).
+    Every step all ranks agree, through one all-reduce, on the global mean loss and on what
+    happened: a non-finite loss (or non-finite gradients without a GradScaler) is divergence,
+    ``nonfinite`` in the result, and no update is applied; with fp16's GradScaler a step whose
+    gradients overflowed is skipped by the scaler (which backs off its scale) and counted,
+    and only `max_overflow_steps` in a row are divergence. ``stopped`` is True when
+    `should_stop` asked to end the run.
     """
     parts.train_model.train()
     dist = parts.dist
     start_batch = progress.batch
+    if start_batch == 0:
+        progress.epoch_loss_sum, progress.epoch_seen = 0.0, 0
     total = len(loader) if not max_steps else min(len(loader), max_steps)
     bar = tqdm(total=total, initial=start_batch, desc=f"epoch {progress.epoch}",
                disable=not (dist.is_primary and parts.progress_bar), leave=False,
                dynamic_ncols=True)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    scaling = parts.scaler.is_enabled()
     seen = 0
     grad_norm = torch.zeros(())
     lr = parts.optimizer.param_groups[0]["lr"]
@@ -110,40 +131,62 @@ def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0
         parts.scaler.unscale_(parts.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             parts.model.parameters(), parts.grad_clip or math.inf)
-        flag = 0.0 if (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)) else 1.0
+        counts = torch.zeros(5, dtype=torch.float64)
+        loss_value = loss.detach().double().cpu()
+        counts[_NONFINITE_LOSS] = float(not torch.isfinite(loss_value))
+        counts[_NONFINITE_GRAD] = float(not torch.isfinite(grad_norm))
+        counts[_LOSS] = loss_value * images.shape[0]
+        counts[_COUNT] = images.shape[0]
         if parts.should_stop is not None and dist.is_primary \
                 and time.perf_counter() - last_poll >= parts.poll_seconds:
             last_poll = time.perf_counter()
-            flag = max(flag, 2.0 if parts.should_stop() else 0.0)
-        flag = all_reduce_max(flag, dist)
-        if flag > 0:
-            nonfinite, stopped = flag == 1.0, flag == 2.0
+            counts[_STOP] = float(bool(parts.should_stop()))
+        counts = all_reduce_sum(counts, dist).cpu()
+        if counts[_STOP] > 0:
+            stopped = True
             parts.optimizer.zero_grad(set_to_none=True)
             break
-        parts.scaler.step(parts.optimizer)
+        overflow = scaling and counts[_NONFINITE_GRAD] > 0 and counts[_NONFINITE_LOSS] == 0
+        if counts[_NONFINITE_LOSS] > 0 or (counts[_NONFINITE_GRAD] > 0 and not overflow) \
+                or (overflow and progress.overflow_streak + 1 >= parts.max_overflow_steps):
+            nonfinite = True
+            parts.optimizer.zero_grad(set_to_none=True)
+            break
+        parts.scaler.step(parts.optimizer)  # skipped by the scaler on an overflow
         parts.scaler.update()
-        if parts.ema is not None:
-            parts.ema.update(parts.model, step=progress.step)
+        if overflow:
+            progress.overflows += 1
+            progress.overflow_streak += 1
+        else:
+            progress.overflow_streak = 0
+            if parts.ema is not None:
+                parts.ema.update(parts.model, step=progress.step)
         progress.step += 1
         progress.batch = i + 1
-        loss_sum += loss.detach().double().cpu() * images.shape[0]
-        seen += images.shape[0]
+        step_loss = float(counts[_LOSS] / counts[_COUNT])
+        progress.epoch_loss_sum += float(counts[_LOSS])
+        progress.epoch_seen += int(counts[_COUNT])
+        seen += int(counts[_COUNT])
         if tb is not None:
-            tb.scalars({"train/loss": loss.item(), "train/lr": lr,
-                        "train/grad_norm": grad_norm.item()}, progress.step)
+            values = {"train/loss": step_loss, "train/lr": lr,
+                      "train/grad_norm": float(grad_norm)}
+            if scaling:
+                values.update({"train/overflow": progress.overflows,
+                               "train/loss_scale": parts.scaler.get_scale()})
+            tb.scalars(values, progress.step)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.3g}")
         if parts.on_step is not None:
             parts.on_step(progress)
     bar.close()
     elapsed = time.perf_counter() - t0
-    sums = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64)]),
-                          dist).cpu()
     return {
-        "train_loss": float(sums[0] / sums[1]) if sums[1] > 0 else math.nan,
+        "train_loss": progress.epoch_loss_sum / progress.epoch_seen
+        if progress.epoch_seen else math.nan,
         "lr": lr,
-        "img_per_sec": float(sums[1]) / elapsed if elapsed > 0 else 0.0,
+        "img_per_sec": seen / elapsed if elapsed > 0 else 0.0,
         "grad_norm": float(grad_norm),
+        "overflows": progress.overflows,
         "nonfinite": nonfinite,
         "stopped": stopped,
     }

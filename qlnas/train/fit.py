@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -13,25 +12,26 @@ import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from qlnas.allocator import keep_freed_memory
 from qlnas.errors import UserError
 from qlnas.fileio import atomic_write_json
-from qlnas.models.io import save_model_file
-from qlnas.models.spec import spec_to_name
-from qlnas.train import checkpoint as ckpt_io
+from qlnas.train.checkpoint import has_checkpoint, is_finite_state, seed_process
 from qlnas.train.config import TrainConfig
 from qlnas.train.distributed import (
     DistInfo,
+    all_reduce_sum,
+    broadcast_buffers,
     broadcast_object,
     setup_distributed,
     teardown_distributed,
 )
 from qlnas.train.engine import Parts, Progress, evaluate, train_one_epoch
 from qlnas.train.logs import TBLogger, hparam_values, write_metrics_csv, write_run_info
+from qlnas.train.run import RunFiles, check_resume, restore
+from qlnas.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
     """
     from qlnas.data import read_classes
 
+    if config.sync_bn and not torch.cuda.is_available():
+        raise UserError("sync_bn=True needs CUDA (torch's SyncBatchNorm runs on GPUs); on CPU "
+                        "the BN statistics of rank 0 are broadcast before every evaluation")
     if config.batch_size % world_size:
         raise UserError(f"batch_size={config.batch_size} is not divisible by the "
                         f"{world_size} processes")
@@ -80,27 +83,45 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
     return train, val, num_classes, build_model(config, num_classes)
 
 
-def _make_parts(config: TrainConfig, model: nn.Module, dist: DistInfo, num_classes: int,
+def build_loaders(config: TrainConfig, dist: DistInfo, train_path: Path, val_path: Path):
+    """The train and val loaders of this process and the train steps per epoch."""
+    from qlnas.data import build_train_loader, build_val_loader
+
+    per_rank = config.batch_size // dist.world_size
+    loader_kw = dict(device=dist.device, distributed=dist.distributed,
+                     num_workers=config.workers)
+    train_loader = build_train_loader(train_path, batch_size=per_rank,
+                                      resolution=config.resolution, seed=config.seed,
+                                      decoder=config.decoder,
+                                      scale=(config.crop_scale_min, 1.0), flip=config.hflip,
+                                      **loader_kw)
+    val_loader = build_val_loader(val_path, batch_size=per_rank, resolution=config.resolution,
+                                  **loader_kw)
+    steps = len(train_loader) if not config.max_steps_per_epoch \
+        else min(len(train_loader), config.max_steps_per_epoch)
+    if steps == 0:
+        raise UserError(f"train_data: {train_path} has fewer samples than one batch of "
+                        f"{per_rank} per process")
+    return train_loader, val_loader, steps
+
+
+def make_parts(config: TrainConfig, model: nn.Module, dist: DistInfo, num_classes: int,
                 steps_per_epoch: int) -> Parts:
     device = dist.device
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=fmt)
+    if config.sync_bn and dist.distributed:
+        # Same parameters, so the optimizer below and the checkpoints see the same tensors.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     amp = config.amp if config.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-    if dtype is not None and device.type == "cpu" and amp == "fp16":
-        raise UserError("amp=fp16 needs CUDA; use bf16 or none on CPU")
     opt = {"sgd": "momentum", "nesterov": "nesterov", "adamw": "adamw", "lamb": "lamb"}
     opt_kwargs = {"momentum": config.momentum} if config.optimizer in ("sgd", "nesterov") else {}
     # filter_bias_and_bn: no weight decay on 1-D parameters (norm scales, biases), by shape.
     optimizer = create_optimizer_v2(model, opt=opt[config.optimizer], lr=config.lr,
                                     weight_decay=config.weight_decay, filter_bias_and_bn=True,
                                     **opt_kwargs)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine" if config.schedule == "cosine" else "step",
-        num_epochs=config.epochs, decay_epochs=config.step_epochs,
-        decay_rate=config.step_gamma, min_lr=config.min_lr, warmup_lr=config.warmup_lr,
-        warmup_epochs=config.warmup_epochs, warmup_prefix=True, step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
     mixup = None
     if config.mixup > 0 or config.cutmix > 0:
@@ -114,52 +135,11 @@ def _make_parts(config: TrainConfig, model: nn.Module, dist: DistInfo, num_class
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
     return Parts(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-                 scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"), ema=ema,
-                 mixup=mixup, criterion=criterion, val_criterion=nn.CrossEntropyLoss(),
-                 autocast_dtype=dtype, grad_clip=config.grad_clip, dist=dist)
-
-
-def _restore(parts: Parts, ckpt: dict) -> Progress:
-    parts.model.load_state_dict(ckpt["model"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
-    parts.scaler.load_state_dict(ckpt["scaler"])
-    if parts.ema is not None and ckpt.get("ema") is not None:
-        parts.ema.module.load_state_dict(ckpt["ema"])
-    ckpt_io.set_rng_state(ckpt["rng"])
-    return Progress(**ckpt["state"])
-
-
-class _Run:
-    """Paths and writers of one run; only the primary process writes."""
-
-    def __init__(self, config: TrainConfig, dist: DistInfo, model: nn.Module) -> None:
-        self.config, self.dist = config, dist
-        self.out = Path(config.out)
-        self.ckpt_dir = self.out / "checkpoints"
-        spec = getattr(model, "spec", None)
-        self.spec = spec.to_dict() if spec is not None else None
-        try:
-            self.export_name = spec_to_name(spec) if spec is not None else config.model
-        except ValueError:
-            self.export_name = config.model
-
-    def save(self, parts: Parts, progress: Progress, name: str = "last.pt") -> None:
-        if self.dist.is_primary:
-            ckpt_io.save_checkpoint(
-                self.ckpt_dir / name, model=parts.model, model_name=self.export_name,
-                spec=self.spec, optimizer=parts.optimizer, scheduler=parts.scheduler,
-                scaler=parts.scaler, ema=parts.ema, state=dataclasses.asdict(progress),
-                config=self.config.to_dict())
-        if self.dist.distributed:
-            torch.distributed.barrier()
-
-    def export(self, parts: Parts) -> None:
-        if not self.dist.is_primary:
-            return
-        save_model_file(self.out / "model.pt", parts.model, self.export_name)
-        atomic_write_json({"model_name": self.export_name, "spec": self.spec},
-                          self.out / "model_spec.json")
+                 scaler=torch.amp.GradScaler(device.type, init_scale=config.fp16_init_scale,
+                                             enabled=amp == "fp16"),
+                 ema=ema, mixup=mixup, criterion=criterion, val_criterion=nn.CrossEntropyLoss(),
+                 autocast_dtype=dtype, grad_clip=config.grad_clip, dist=dist,
+                 max_overflow_steps=config.max_overflow_steps)
 
 
 def fit(config: TrainConfig, dist: DistInfo | None = None, report=None,
@@ -184,39 +164,24 @@ def fit(config: TrainConfig, dist: DistInfo | None = None, report=None,
 
 def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
          progress_bar: bool) -> dict:
-    from qlnas.data import build_train_loader, build_val_loader
-
     if dist.device.type == "cpu":
         keep_freed_memory()  # a third faster element-wise ops (see qlnas.allocator)
-    torch.manual_seed(config.seed)  # the model's initialisation
+    torch.manual_seed(config.seed)  # the model's initialisation, the same on every rank
     train_path, val_path, num_classes, model = validate(config, dist.world_size)
-    per_rank = config.batch_size // dist.world_size
-    loader_kw = dict(device=dist.device, distributed=dist.distributed,
-                     num_workers=config.workers)
-    train_loader = build_train_loader(train_path, batch_size=per_rank,
-                                      resolution=config.resolution, seed=config.seed,
-                                      decoder=config.decoder,
-                                      scale=(config.crop_scale_min, 1.0), flip=config.hflip,
-                                      **loader_kw)
-    val_loader = build_val_loader(val_path, batch_size=per_rank, resolution=config.resolution,
-                                  **loader_kw)
-    steps = len(train_loader) if not config.max_steps_per_epoch \
-        else min(len(train_loader), config.max_steps_per_epoch)
-    if steps == 0:
-        raise UserError(f"train_data: {train_path} has fewer samples than one batch of "
-                        f"{per_rank} per process")
-    parts = _make_parts(config, model, dist, num_classes, steps)
+    train_loader, val_loader, steps = build_loaders(config, dist, train_path, val_path)
+    parts = make_parts(config, model, dist, num_classes, steps)
     parts.should_stop = should_stop
     parts.progress_bar = progress_bar
-    run = _Run(config, dist, model)
+    seed_process(config.seed, dist.rank)  # mixup, cutmix, drop path: a stream per rank
+    run = RunFiles(config, dist, parts.model)
+    run.clean()
     progress = Progress(world_size=dist.world_size)
-    last = run.ckpt_dir / "last.pt"
-    has_last = broadcast_object(last.is_file(), dist)  # one answer before anyone writes
+    has_last = broadcast_object(has_checkpoint(run.last), dist)  # one answer before any write
     if resume and has_last:
-        ckpt = ckpt_io.load_checkpoint(last)
-        ckpt_io.check_compatible(ckpt, config.to_dict(), dist.world_size, last)
-        progress = _restore(parts, ckpt)
-        log.info("resumed from %s at epoch %d, batch %d", last, progress.epoch, progress.batch)
+        ckpt, path = run.resume_point()
+        check_resume(ckpt, config, dist.world_size, path)
+        progress = restore(parts, ckpt, dist.rank)
+        log.info("resumed from %s at epoch %d, batch %d", path, progress.epoch, progress.batch)
     elif has_last:
         raise UserError(f"out: {run.out} already holds a run; pass --resume or another --out")
     tb = None
@@ -225,7 +190,10 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
         write_run_info(run.out, config.to_dict(), {"world_size": dist.world_size,
                                                    "device": str(dist.device),
                                                    "num_classes": num_classes})
-        tb = TBLogger(run.out / "tb", hparam_values(run.export_name, run.spec, config.to_dict()))
+        # A resumed run drops what the killed one logged past its checkpoint and continues
+        # the same HParams session.
+        tb = TBLogger(run.out / "tb", hparam_values(run.export_name, run.spec, config.to_dict()),
+                      purge_step=progress.step + 1 if has_last else None)
     if not has_last:
         run.save(parts, progress)  # the first good state, for rollback and resume
     if config.checkpoint_steps:
@@ -240,15 +208,49 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
     finally:
         if tb is not None:
             tb.close()
+    weights = _export_weights(config, progress.history[-1] if progress.history else {})
     if status == "completed":
-        run.export(parts)
+        run.export(parts, weights)
     result = dict(progress.history[-1]) if progress.history else {}
     result.update(status=status, epochs_run=progress.epoch, steps=progress.step,
                   nan_events=progress.nan_events, rollbacks=progress.rollbacks,
-                  best_top1=max(progress.best_top1, 0.0), out=str(run.out))
+                  overflows=progress.overflows, best_top1=max(progress.best_top1, 0.0),
+                  exported=weights if status == "completed" else None, out=str(run.out))
     if dist.is_primary:
         atomic_write_json(result, run.out / "result.json")
     return result
+
+
+def _export_weights(config: TrainConfig, row: dict) -> str:
+    """model or ema: what `export` asks for, `best` being whichever validated better."""
+    if config.export != "best":
+        return config.export
+    if "val_top1_ema" in row and row["val_top1_ema"] > row.get("val_top1", -1.0):
+        return "ema"
+    return "model"
+
+
+def _validate_epoch(parts: Parts, val_loader) -> dict:
+    """Val metrics of the model (and of its EMA), with rank 0's BN statistics on every rank:
+    what is evaluated is what is saved."""
+    broadcast_buffers(parts.model, parts.dist)
+    val = evaluate(parts.model, val_loader, parts)
+    if parts.ema is not None:
+        broadcast_buffers(parts.ema.module, parts.dist)
+        val.update({f"{k}_ema": v for k, v in evaluate(parts.ema.module, val_loader,
+                                                       parts).items()})
+    return val
+
+
+def _log_epoch(tb, row: dict, step: int) -> None:
+    values = {"val/top1": row["val_top1"], "val/top5": row["val_top5"],
+              "val/loss": row["val_loss"], "train/img_per_sec": row["img_per_sec"],
+              "train/epoch_loss": row["train_loss"], "events/nan": row["nan_events"]}
+    if "val_top1_ema" in row:
+        values.update({"val_ema/top1": row["val_top1_ema"], "val_ema/top5": row["val_top5_ema"],
+                       "val_ema/loss": row["val_loss_ema"]})
+    tb.scalars(values, step)
+    tb.flush()
 
 
 def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
@@ -268,7 +270,13 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
         if metrics.pop("stopped"):
             log.info("stop requested at step %d (epoch %d)", progress.step, epoch)
             return "pruned", progress
-        if metrics.pop("nonfinite"):
+        nonfinite = metrics.pop("nonfinite")
+        if not nonfinite and not _state_is_finite(parts):
+            # Finite losses and gradients can still push a weight or a BN statistic past
+            # float range; evaluating or saving that state would hide the divergence.
+            log.warning("weights or BN statistics not finite after step %d", progress.step)
+            nonfinite = True
+        if nonfinite:
             progress.nan_events += 1
             log.warning("non-finite loss or gradient at step %d (epoch %d)", progress.step + 1,
                         epoch)
@@ -276,33 +284,33 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
                 tb.scalars({"events/nan": progress.nan_events}, progress.step + 1)
                 tb.flush()
             if config.on_nan == "rollback" and progress.rollbacks < config.max_rollbacks:
-                progress = _rollback(config, parts, run, progress)
-                continue
+                restored = _rollback(config, parts, run, progress)
+                if restored is not None:
+                    progress = restored
+                    continue
             event = {"epoch": epoch, "step": progress.step + 1, "diverged": True,
                      "train_loss": math.nan, "val_top1": 0.0, "nan_events": progress.nan_events}
             if report is not None:
                 report(event)
             log.error("diverged at step %d; stopping", progress.step + 1)
             return "diverged", progress
-        val = evaluate(parts.model, val_loader, parts)
-        if parts.ema is not None:
-            val.update({f"{k}_ema": v for k, v in evaluate(parts.ema.module, val_loader,
-                                                           parts).items()})
+        val = _validate_epoch(parts, val_loader)
         row = {"epoch": epoch + 1, "step": progress.step, **metrics, **val,
                "epoch_time": time.perf_counter() - t0, "nan_events": progress.nan_events,
                "lr_scale": progress.lr_scale}
         progress.epoch, progress.batch = epoch + 1, 0
+        progress.epoch_loss_sum, progress.epoch_seen = 0.0, 0
         progress.history.append(row)
-        improved = val["val_top1"] > progress.best_top1
-        progress.best_top1 = max(progress.best_top1, val["val_top1"])
+        weights = _export_weights(config, row)
+        score = row["val_top1_ema"] if weights == "ema" else row["val_top1"]
+        improved = score > progress.best_top1
+        progress.best_top1 = max(progress.best_top1, score)
         if tb is not None:
-            tb.scalars({"val/top1": val["val_top1"], "val/top5": val["val_top5"],
-                        "val/loss": val["val_loss"], "train/img_per_sec": row["img_per_sec"],
-                        "events/nan": progress.nan_events}, progress.step)
-            tb.flush()
+            _log_epoch(tb, row, progress.step)
         run.save(parts, progress)
         if improved:
-            run.save(parts, progress, "best.pt")
+            run.save(parts, progress, "best.pt", keep_previous=False,
+                     extra={"export_weights": weights, "val_top1": score})
         if dist.is_primary:
             write_metrics_csv(progress.history, run.out / "metrics.csv")
             log.info("epoch %d/%d  train loss %.4f  val top1 %.4f  top5 %.4f  lr %.4g  %.0f img/s",
@@ -315,20 +323,36 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
     return "completed", progress
 
 
+def _state_is_finite(parts: Parts) -> bool:
+    """Every rank's verdict on its (buffer-synchronised) weights and optimizer state."""
+    broadcast_buffers(parts.model, parts.dist)
+    bad = 0.0 if is_finite_state(parts.model, parts.optimizer) else 1.0
+    return all_reduce_sum(torch.tensor([bad], dtype=torch.float64), parts.dist).item() == 0
+
+
 def _stop_requested(should_stop, dist: DistInfo) -> bool:
     """Rank 0 asks; every rank gets the same answer."""
     return bool(broadcast_object(bool(should_stop()) if dist.is_primary else None, dist))
 
 
-def _rollback(config: TrainConfig, parts: Parts, run: _Run, progress: Progress) -> Progress:
-    """Reload the last good checkpoint with a smaller learning rate."""
-    ckpt = ckpt_io.load_checkpoint(run.ckpt_dir / "last.pt")
-    restored = _restore(parts, ckpt)
+def _rollback(config: TrainConfig, parts: Parts, run: RunFiles, progress: Progress
+              ) -> Progress | None:
+    """Reload the newest checkpoint that cannot reproduce the failure, with a smaller LR;
+    None when there is none."""
+    point = run.rollback_point(progress)
+    if point is None:
+        log.error("no checkpoint before step %d to roll back to", progress.step)
+        return None
+    ckpt, path = point
+    restored = restore(parts, ckpt, parts.dist.rank)
     restored.rollbacks = progress.rollbacks + 1
     restored.nan_events = progress.nan_events
+    restored.overflows = progress.overflows
     restored.lr_scale = progress.lr_scale * config.nan_lr_factor
-    log.warning("rollback %d/%d to epoch %d batch %d, LR x%.3g", restored.rollbacks,
-                config.max_rollbacks, restored.epoch, restored.batch, restored.lr_scale)
-    run.save(parts, restored)  # so a resume keeps the lowered LR
+    log.warning("rollback %d/%d to %s (epoch %d batch %d), LR x%.3g", restored.rollbacks,
+                config.max_rollbacks, path.name, restored.epoch, restored.batch,
+                restored.lr_scale)
+    # So a resume keeps the lowered LR; the other generation stays as it is (no rotation:
+    # it may be the very state that failed).
+    run.save(parts, restored, keep_previous=False)
     return restored
-

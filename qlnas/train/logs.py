@@ -78,14 +78,17 @@ def hparam_values(model_name: str, spec: dict | None, config: dict) -> dict:
 class TBLogger:
     """TensorBoard scalars and an HParams entry for one run (primary process only)."""
 
-    def __init__(self, logdir: Path, hparam_dict: dict) -> None:
-        self.writer = SummaryWriter(log_dir=str(logdir))
+    def __init__(self, logdir: Path, hparam_dict: dict, purge_step: int | None = None) -> None:
+        """`purge_step`: a resumed run's first step; what the killed run logged from there on
+        is dropped (TensorBoard purges it), and its HParams session goes on."""
+        self.writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
         # The HParams session: its metrics are the val/* scalars written every epoch, so a
         # run that stops early (diverged, pruned) still shows its last value.
         exp, ssi, self._sei = hparams(hparam_dict, {m: 0.0 for m in HPARAM_METRICS})
-        fw = self.writer._get_file_writer()
-        fw.add_summary(exp)
-        fw.add_summary(ssi)
+        if purge_step is None:
+            fw = self.writer._get_file_writer()
+            fw.add_summary(exp)
+            fw.add_summary(ssi)
 
     def scalars(self, values: dict, step: int) -> None:
         for tag, value in values.items():
