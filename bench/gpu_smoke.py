@@ -21,7 +21,7 @@ def main() -> int:
     from qlnas.train.config import TrainConfig
     from qlnas.train.distributed import setup_distributed, teardown_distributed
     from qlnas.train.engine import Progress, evaluate, train_one_epoch
-    from qlnas.train.fit import _make_parts, build_model
+    from qlnas.train.fit import make_parts, build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -38,7 +38,7 @@ def main() -> int:
                              resolution=64)
         torch.manual_seed(0)
         model = build_model(config, 10)
-        parts = _make_parts(config, model, info, 10, steps_per_epoch=20)
+        parts = make_parts(config, model, info, 10, steps_per_epoch=20)
         assert parts.autocast_dtype is torch.bfloat16
         # One GPU: a world of one, but the same DDP wrapper (nccl) as a multi-GPU run.
         parts.train_model = torch.nn.parallel.DistributedDataParallel(parts.model,
