@@ -144,6 +144,10 @@ class TrainConfig:
             raise bad("ema_decay", "a number in [0, 1)")
         if not 0 < self.nan_lr_factor < 1:
             raise bad("nan_lr_factor", "a number in (0, 1)")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} is not shorter than "
+                             f"epochs={self.epochs}; expected a warm-up shorter than the "
+                             "run (it counts within epochs)")
         if not (math.isfinite(self.fp16_init_scale) and self.fp16_init_scale > 0):
             raise bad("fp16_init_scale", "a positive number")
         if self.export == "ema" and self.ema_decay == 0:

@@ -35,7 +35,7 @@ def _write(tmp_path, text):
     return path
 
 
-BASE = "fixed: {epochs: 1}\narch:\n  form: [eq3, eq4]\n"
+BASE = "fixed: {epochs: 1, warmup_epochs: 0}\narch:\n  form: [eq3, eq4]\n"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -52,7 +52,7 @@ BASE = "fixed: {epochs: 1}\narch:\n  form: [eq3, eq4]\n"
     (BASE + "search:\n  objectives: [{metric: accuracy}]\n",
      "search.objectives[0].metric: 'accuracy'"),
     (BASE + "pruning: {pruner: sometimes}\n", "pruning.pruner: 'sometimes'"),
-    ("fixed: {epochs: 1}\n", "arch: nothing to search"),
+    ("fixed: {epochs: 1, warmup_epochs: 0}\n", "arch: nothing to search"),
 ])
 def test_invalid_space_names_file_and_key(tmp_path, text, message):
     path = _write(tmp_path, text)

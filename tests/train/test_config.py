@@ -60,6 +60,10 @@ def _qlnas(*args):
     (["--train", "/nonexistent/train.beton"], "train_data: /nonexistent/train.beton: no such"),
     (["--nproc", "2", "--batch-size", "63"], "batch_size=63 is not divisible by the 2"),
     (["--arch", "form=eq9"], "ArchSpec.form='eq9'"),
+    (["--epochs", "1"], "warmup_epochs=1.0 is not shorter than epochs=1"),
+    (["--sync-bn", "--nproc", "2"], "sync_bn=True needs CUDA"),
+    (["--export", "ema"], "export='ema': expected model or best when ema_decay is 0"),
+    (["--amp", "fp16", "--max-overflow-steps", "0"], "max_overflow_steps=0: expected a positive"),
 ])
 def test_cli_bad_input_one_line(tmp_path, args, message):
     proc = _qlnas("train", "--out", str(tmp_path / "run"), *args)
