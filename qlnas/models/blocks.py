@@ -8,16 +8,22 @@ shared by all forms so the symmetry toolkit can find them:
 - ``coef``: the 1x1 conv that reads the stream u (the coefficient matrices C, or P1 and P2);
 - ``proj``: the 1x1 conv that writes the block's output (A), ``bn_out`` the BN after it;
 - ``shortcut``: identity, or a 1x1 conv + BN projection where width or stride change;
-- ``act``: the activation on the stream after the residual add (or identity).
+- ``act``: the activation on the stream after the residual add (or identity);
+- ``drop_path``: stochastic depth on F(u) before the add (identity at rate 0 and in eval).
+
+TorchScript compiles the plain PyTorch expressions (the ``torch.jit.is_scripting()``
+branches), FX traces the same ops (the fast kernels step aside for proxies): the native and
+Triton kernels are for eager mode only.
 """
 
 from __future__ import annotations
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from qlnas.models import native
-from qlnas.models.layers import DepthwiseConv3x3, conv_mul, create_act, use_reference
+from qlnas.models.layers import DepthwiseConv3x3, conv_mul, create_act, symbolic, use_reference
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -42,11 +48,12 @@ class QLBlock(nn.Module):
     form = ""
 
     def __init__(self, n: int, m: int, stride: int, k: int, shared: bool, act: str,
-                 radius: float | None) -> None:
+                 radius: float | None, drop_path: float = 0.0) -> None:
         super().__init__()
         self.n, self.m, self.stride, self.k = n, m, stride, k
         self.shortcut = Shortcut(n, m, stride) if (stride != 1 or n != m) else nn.Identity()
         self.act = create_act(act, m, radius)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def residual(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -56,15 +63,17 @@ class QLBlock(nn.Module):
         return self.bn_out
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.act(self.shortcut(u) + self.residual(u))
+        return self.act(self.shortcut(u) + self.drop_path(self.residual(u)))
 
     def dw_times(self, u: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """bn_dw(dw(u)) * other: one pass at inference once BN is folded (`fuse`), and the BN
         and the product in one native op in CPU training."""
+        if torch.jit.is_scripting():
+            return self.bn_dw(self.dw(u)) * other
         if isinstance(self.bn_dw, nn.Identity):
             return conv_mul(self.dw, u, other)
         y = self.dw(u)
-        if not use_reference() and native.bn_mul_fusable(self.bn_dw, y, other):
+        if not (use_reference() or symbolic(y)) and native.bn_mul_fusable(self.bn_dw, y, other):
             return native.bn_mul(self.bn_dw, y, other)
         return self.bn_dw(y) * other
 
@@ -74,8 +83,8 @@ class Eq3Block(QLBlock):
 
     form = "eq3"
 
-    def __init__(self, n, m, stride, k, shared, act, radius):
-        super().__init__(n, m, stride, k, shared, act, radius)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
         self.dw = DepthwiseConv3x3(n, k, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.coef = conv1x1(n, k * n, stride)
@@ -91,8 +100,8 @@ class Eq4Block(QLBlock):
 
     form = "eq4"
 
-    def __init__(self, n, m, stride, k, shared, act, radius):
-        super().__init__(n, m, stride, k, shared, act, radius)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
         self.dw = DepthwiseConv3x3(n, k, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.coef = conv1x1(n, m, stride)
@@ -100,7 +109,10 @@ class Eq4Block(QLBlock):
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        return self.bn_out(conv_mul(self.proj, self.bn_dw(self.dw(u)), self.coef(u)))
+        y, c = self.bn_dw(self.dw(u)), self.coef(u)
+        if torch.jit.is_scripting():
+            return self.bn_out(self.proj(y) * c)
+        return self.bn_out(conv_mul(self.proj, y, c))
 
 
 class Eq5Block(QLBlock):
@@ -112,8 +124,8 @@ class Eq5Block(QLBlock):
 
     form = "eq5"
 
-    def __init__(self, n, m, stride, k, shared, act, radius):
-        super().__init__(n, m, stride, k, shared, act, radius)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
         self.dw = DepthwiseConv3x3(n, k, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.coef = conv1x1(n, k * n, stride)
@@ -132,8 +144,8 @@ class Eq6Block(QLBlock):
 
     form = "eq6"
 
-    def __init__(self, n, m, stride, k, shared, act, radius):
-        super().__init__(n, m, stride, k, shared, act, radius)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
         self.coef = conv1x1(n, n)
         self.dw = DepthwiseConv3x3(n, k, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
@@ -141,7 +153,11 @@ class Eq6Block(QLBlock):
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        return self.bn_out(self.proj(self.bn_dw(self.dw(conv_mul(self.coef, u, u)))))
+        if torch.jit.is_scripting():
+            w = self.coef(u) * u
+        else:
+            w = conv_mul(self.coef, u, u)
+        return self.bn_out(self.proj(self.bn_dw(self.dw(w))))
 
 
 class Eq7Block(QLBlock):
@@ -149,8 +165,8 @@ class Eq7Block(QLBlock):
 
     form = "eq7"
 
-    def __init__(self, n, m, stride, k, shared, act, radius):
-        super().__init__(n, m, stride, k, shared, act, radius)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
         self.coef = conv1x1(n, k * n)
         self.dw = DepthwiseConv3x3(n, k, shared, stride, expand=False)
         self.bn_dw = nn.BatchNorm2d(k * n)
@@ -174,8 +190,8 @@ class GLBlock(QLBlock):
 
     form = "glb"
 
-    def __init__(self, n, m, stride, k, shared, act, radius):
-        super().__init__(n, m, stride, k, shared, act, radius)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
         half = k * n // 2
         self.coef = conv1x1(n, 2 * half)
         self.dw = DepthwiseConv3x3(half, 2, shared, stride)

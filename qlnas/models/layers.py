@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import Proxy
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from qlnas.models import native
@@ -42,9 +43,15 @@ def reference_path(enabled: bool = True) -> Iterator[None]:
         set_reference(previous)
 
 
+def symbolic(x: torch.Tensor) -> bool:
+    """Is `x` an FX proxy (``torch.fx.symbolic_trace``)? A trace records the plain ops."""
+    return isinstance(x, Proxy)
+
+
 def _mkldnn_fusable(conv: nn.Module, x: torch.Tensor, other: torch.Tensor) -> bool:
     """Can conv(x) * other run as one oneDNN conv with a multiply post-op (CPU inference)?"""
-    return (not _REFERENCE and isinstance(conv, nn.Conv2d) and x.device.type == "cpu"
+    return (not _REFERENCE and not symbolic(x) and isinstance(conv, nn.Conv2d)
+            and x.device.type == "cpu"
             and x.dtype == torch.float32 and other.dtype == torch.float32
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()
@@ -54,7 +61,7 @@ def _mkldnn_fusable(conv: nn.Module, x: torch.Tensor, other: torch.Tensor) -> bo
 
 def _triton_dw(x: torch.Tensor):
     """The Triton kernels' module when selected for `x` (``QLNAS_TRITON=1``, CUDA), else None."""
-    if (_REFERENCE or os.environ.get("QLNAS_TRITON", "0") != "1"
+    if (_REFERENCE or os.environ.get("QLNAS_TRITON", "0") != "1" or symbolic(x)
             or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None):
         return None
     from qlnas.models import triton_dw  # imports triton: only when asked for
@@ -73,6 +80,8 @@ class FoldedDepthwise(nn.Conv2d):
 
     def fast_kernel(self, x: torch.Tensor, *others: torch.Tensor):
         """`native` or `triton_dw` when one applies to these tensors, else None."""
+        if symbolic(x):
+            return None
         if self.out_channels == self.in_channels or not _no_autograd(x, self.weight, *others):
             return None
         tri = _triton_dw(x)
@@ -81,6 +90,8 @@ class FoldedDepthwise(nn.Conv2d):
         return native if not _REFERENCE and native.eligible(x, self.weight, *others) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self.weight, self.bias)
         kernel = self.fast_kernel(x)
         if kernel is not None:
             return kernel.depthwise3x3_mul(x, self.weight, self.bias, None, self.stride[0])
@@ -180,6 +191,8 @@ class DepthwiseConv3x3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.channels, self.k
         groups = n if self.expand else n * k
+        if torch.jit.is_scripting():
+            return F.conv2d(x, self.full_weight(), None, self.stride, 1, 1, groups)
         if _REFERENCE:
             if not self.shared:
                 return F.conv2d(x, self.weight, None, self.stride, 1, 1, groups)
@@ -193,7 +206,7 @@ class DepthwiseConv3x3(nn.Module):
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
         # A channel multiplier above 1 runs on the native CPU kernel where it can (oneDNN's
         # generic grouped conv is 2-3x slower); multiplier 1 is oneDNN's own depthwise kernel.
-        if self.expand and self.k > 1:
+        if self.expand and self.k > 1 and not symbolic(x):
             tri = _triton_dw(x)
             if tri is not None:
                 return tri.depthwise3x3(x, weight, self.stride)

@@ -1,12 +1,27 @@
-"""The network builder: one `ArchSpec` -> one `QLNet` module."""
+"""The network builder: one `ArchSpec` -> one `QLNet` module, with timm's model interface."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from qlnas.models.blocks import BLOCKS, QLBlock
 from qlnas.models.spec import ArchSpec
+
+
+def check_global_pool(global_pool: str | None) -> None:
+    """Only average pooling exists (None: keep it); anything else is refused, not ignored."""
+    if global_pool not in (None, "avg"):
+        raise ValueError(f"global_pool={global_pool!r} is not supported; only 'avg'")
+
+
+def _check_rate(name: str, rate: float) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"{name}={rate!r}; expected a number in [0, 1)")
+    return float(rate)
 
 
 class Stem(nn.Module):
@@ -39,14 +54,24 @@ class QLNet(nn.Module):
     convs a variance-preserving normal (std 1/sqrt(fan_in)), and each block's last BN scale
     starts at zero (as timm does for ResNets), so every block starts as the identity map and
     the products inside F do not blow up early in training.
+
+    ``drop_rate`` (dropout before the classifier) and ``drop_path_rate`` (stochastic depth,
+    rising linearly from 0 at the first block to the rate at the last) regularise training;
+    they are not part of the architecture, so not of the spec.
     """
 
-    def __init__(self, spec: ArchSpec) -> None:
+    def __init__(self, spec: ArchSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 global_pool: str | None = "avg") -> None:
         super().__init__()
+        check_global_pool(global_pool)
         self.spec = spec
         self.num_classes = spec.num_classes
+        self.drop_rate = _check_rate("drop_rate", drop_rate)
+        self.drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
+        self.grad_checkpointing = False
         self.stem = Stem(spec.stem_width, spec.stem_linear)
         block_cls = BLOCKS[spec.form]
+        rates = iter(torch.linspace(0, self.drop_path_rate, sum(spec.depths)).tolist())
         stages, n = [], spec.stem_width
         self.feature_info = [dict(num_chs=n, reduction=4, module="stem")]
         reduction = 4
@@ -57,7 +82,7 @@ class QLNet(nn.Module):
                 act = spec.act if (spec.act_at == "all" or (spec.act_at == "ds" and i == 0)) \
                     else "none"
                 blocks.append(block_cls(n, m, stride, spec.expansion, spec.weight_sharing,
-                                        act, spec.act_radius))
+                                        act, spec.act_radius, next(rates)))
                 n = m
             reduction *= 2 if s > 0 else 1
             stages.append(nn.Sequential(*blocks))
@@ -84,21 +109,72 @@ class QLNet(nn.Module):
                 nn.init.zeros_(mod.last_bn().weight)
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups for layer-wise LR decay: the stem, then each stage or block."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        if global_pool != "avg":
-            raise ValueError(f"global_pool={global_pool!r}; only 'avg' is supported")
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        check_global_pool(global_pool)
         self.num_classes = num_classes
         self.spec = self.spec.replace(num_classes=num_classes)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        like = self.stem.conv.weight
+        self.fc = nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype) \
+            if num_classes > 0 else nn.Identity()
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_intermediates(
+            self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The features at `indices` (0: the stem, s: stage s; an int n: the last n), as timm's
+        models give them. There is no final norm, so `norm` changes nothing."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; only 'NCHW'")
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        x = self.stem(x)
+        intermediates = [x] if 0 in take_indices else []
+        stages = self.stages[:max_index] if stop_early else self.stages
+        for i, stage in enumerate(stages, start=1):
+            x = self._run_stage(stage, x)
+            if i in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last feature in `indices` (and the classifier with
+        `prune_head`, or when stages go); returns the absolute indices kept."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        if prune_end:
+            self.stages = self.stages[:max_index]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:  # the classifier was sized for the last stage
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x, flatten=True)
+        return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x).flatten(1)
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
