@@ -69,6 +69,11 @@ class TrainConfig:
     """Mixup alpha (0: off), timm's Mixup."""
     cutmix: float = 0.0
     """CutMix alpha (0: off), timm's Mixup."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth: the largest drop rate of a block's residual branch (timm's
+    drop_path_rate, rising linearly with depth)."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier (timm's drop_rate)."""
     ema_decay: float = 0.0
     """EMA decay of the weights (0: no EMA), timm's ModelEmaV3; validated every epoch."""
     export: str = "best"
@@ -140,6 +145,9 @@ class TrainConfig:
             raise bad("crop_scale_min", "a number in (0, 1]")
         if not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "a number in [0, 1)")
+        for name in ("drop_path_rate", "drop_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "a number in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise bad("ema_decay", "a number in [0, 1)")
         if not 0 < self.nan_lr_factor < 1:

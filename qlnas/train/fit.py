@@ -60,7 +60,9 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     if config.arch and not config.model.startswith("qlnet"):
         raise UserError(f"arch: overrides apply to qlnet* models only, not {config.model!r}")
     try:
-        return timm.create_model(config.model, num_classes=num_classes, **config.arch)
+        return timm.create_model(config.model, num_classes=num_classes,
+                                 drop_rate=config.drop_rate,
+                                 drop_path_rate=config.drop_path_rate, **config.arch)
     except (ValueError, TypeError) as exc:
         raise UserError(f"arch: {exc}") from None
 

@@ -69,7 +69,7 @@ def hparam_values(model_name: str, spec: dict | None, config: dict) -> dict:
             value = "-".join(map(str, value))
         values[f"arch/{key}"] = "none" if value is None else value
     for key in ("epochs", "batch_size", "lr", "warmup_epochs", "schedule", "optimizer",
-                "weight_decay", "label_smoothing", "mixup", "cutmix", "ema_decay",
+                "weight_decay", "label_smoothing", "mixup", "cutmix", "ema_decay", "drop_path_rate",
                 "resolution", "seed", "on_nan"):
         values[key] = config[key]
     return values

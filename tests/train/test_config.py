@@ -72,3 +72,14 @@ def test_cli_bad_input_one_line(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_regularisation_reaches_the_model():
+    from qlnas.train.fit import validate
+
+    model = validate(TrainConfig(drop_path_rate=0.2, drop_rate=0.3), 1)[3]
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates[-1] == pytest.approx(0.2) and rates == sorted(rates) and len(rates) == 7
+    assert model.drop_rate == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="drop_path_rate=1.0: expected a number in"):
+        TrainConfig(drop_path_rate=1.0)
