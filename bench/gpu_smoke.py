@@ -21,7 +21,7 @@ def main() -> int:
     from qlnas.train.config import TrainConfig
     from qlnas.train.distributed import setup_distributed, teardown_distributed
     from qlnas.train.engine import Progress, evaluate, train_one_epoch
-    from qlnas.train.fit import make_parts, build_model
+    from qlnas.train.fit import build_model, make_parts
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")

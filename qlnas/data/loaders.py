@@ -2,15 +2,19 @@
 
 Each process gets `batch_size` images per batch; with `distributed=True` every rank reads a
 disjoint share of each epoch. The order is a function of (seed, epoch, world size) alone, so a
-resumed run (`set_epoch`) sees the same batches as an uninterrupted one.
+resumed run (`set_epoch`) sees the same batches as an uninterrupted one. A `num_workers` above
+the cores this process may use (a recipe from a bigger machine) is lowered to them.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import replace
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -24,6 +28,8 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 
 from qlnas.data.decoders import ScaledRandomResizedCropDecoder
 from qlnas.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -166,12 +172,58 @@ def _check_file(path: str | os.PathLike) -> str:
     return path
 
 
+def _available_cores() -> tuple[int, str]:
+    """How many loader threads this process can run, and what sets the limit: the cores it
+    may use (its CPU affinity), or numba's thread pool when NUMBA_NUM_THREADS is smaller."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        cores = os.cpu_count() or 1
+    limit, reason = max(1, cores), f"the {cores} core{'s' if cores > 1 else ''} available"
+    if numba.config.NUMBA_NUM_THREADS < limit:
+        limit = numba.config.NUMBA_NUM_THREADS
+        reason = f"NUMBA_NUM_THREADS={limit} allows"
+    return limit, reason
+
+
+@functools.cache
+def _warn_clamped(requested: int, limit: int, reason: str) -> None:
+    log.warning("workers=%d is more than %s; using %d", requested, reason, limit)
+
+
+def _loader_threads(num_workers: int) -> int:
+    """`num_workers`, at most what the machine can run (numba refuses more threads than it
+    has; the recipe may come from a bigger machine)."""
+    if num_workers < 1:
+        raise UserError(f"workers={num_workers}: expected at least 1 loader thread")
+    limit, reason = _available_cores()
+    if num_workers > limit:
+        _warn_clamped(num_workers, limit, reason)  # once per process, not once per loader
+        return limit
+    return num_workers
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"device={device!r}: {exc}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device={device}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device={device}: this machine has {count} CUDA device(s)")
+    return device
+
+
 def _build(path: str, decoder: Operation, *, batch_size: int, device: str | torch.device,
            order: SeededOrder, num_workers: int, drop_last: bool, flip: bool,
            resolution: int, train: bool) -> ImageLoader:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    device = torch.device(device)
+        raise UserError(f"batch_size={batch_size}: expected at least 1 image per batch")
+    num_workers = _loader_threads(num_workers)
+    device = _check_device(device)
     image = [decoder] + ([RandomHorizontalFlip()] if flip else [])
     image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True),
               NormalizeOnDevice()]

@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_arguments(p)
     p.add_argument("--nproc", type=int, default=1, help="DDP processes on this node")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--dry-run", nargs="?", type=int, const=5, default=None, metavar="STEPS",
+                   help="build the run, time STEPS training steps (default 5) in this process "
+                        "and print the plan (steps, LR per epoch, img/s, time, memory); writes "
+                        "only OUT/lr_schedule.png")
     p.set_defaults(func=run)
 
 
@@ -76,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise UserError(f"--nproc={args.nproc}: expected a positive integer")
+    if args.dry_run is not None and args.dry_run < 1:
+        raise UserError(f"--dry-run {args.dry_run}: expected at least 1 step to time")
     config = config_from_args(args)
+    if args.dry_run is not None:
+        return dry_run(config, args.nproc, args.dry_run)
     if args.nproc > 1 and "RANK" not in os.environ:
         validate(config, args.nproc)  # report bad input once, before any process starts
         return launch(config, args.nproc, args.resume)
@@ -86,6 +94,14 @@ def run(args: argparse.Namespace) -> int:
               f"{result.get('val_top1', 0.0):.4f} (best {result['best_top1']:.4f}), "
               f"run in {result['out']}")
     return EXIT_CODES[result["status"]]
+
+
+def dry_run(config, nproc: int, steps: int) -> int:
+    """The plan of `config` on `nproc` processes, measured in this one process."""
+    from qlnas.train.plan import dry_run as plan_run
+
+    print(plan_run(config, nproc, steps).format())
+    return 0
 
 
 def _free_port() -> int:

@@ -1,3 +1,7 @@
+import logging
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +102,40 @@ def test_seeded_order_shares(equal):
     assert len(set(joined.tolist())) == len(joined) == (100 if equal else 103)
     assert np.array_equal(shares[0], orders[0].sample_order(7))
     assert not np.array_equal(shares[0], orders[0].sample_order(8))
+
+
+def test_more_workers_than_cores_are_clamped_with_one_warning(demo_betons, caplog):
+    """A recipe from a bigger machine (workers=8 on 2 cores) runs, with one warning line."""
+    caplog.set_level(logging.WARNING, logger="qlnas.data.loaders")
+    train = build_train_loader(demo_betons[0], batch_size=64, resolution=24, num_workers=1000)
+    val = build_val_loader(demo_betons[1], batch_size=64, resolution=24, num_workers=1000)
+    images, labels = next(iter(train))
+    assert images.shape == (64, 3, 24, 24) and labels.shape == (64,)
+    assert next(iter(val))[0].shape == (64, 3, 24, 24)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("workers=1000 is more than"), warned
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_workers=0), "workers=0: expected at least 1"),
+    (dict(batch_size=0), "batch_size=0: expected at least 1"),
+])
+def test_settings_the_loader_cannot_honour(demo_betons, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        build_val_loader(demo_betons[1], **{"batch_size": 8, "resolution": 24, **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(demo_betons):
+    with pytest.raises(UserError, match="CUDA is not available"):
+        build_val_loader(demo_betons[1], batch_size=8, resolution=24, device="cuda")
+
+
+@pytest.mark.slow
+def test_train_with_more_workers_than_cores(tmp_path):
+    cmd = [sys.executable, "-m", "qlnas.cli", "train", "--workers", "64", "--epochs", "1",
+           "--warmup-epochs", "0", "--max-steps-per-epoch", "2", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "workers=64 is more than" in proc.stderr
+    assert (tmp_path / "run" / "model.pt").is_file()
