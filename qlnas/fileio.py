@@ -12,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+# The process's umask, read once at import (reading it means setting it: not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -25,6 +29,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's 0600
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -2,6 +2,7 @@
 temporaries, no non-finite state, a rollback point that cannot reproduce the failure."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -47,6 +48,9 @@ def test_two_generations(tmp_path):
     assert (last["state"]["step"], prev["state"]["step"]) == (10, 5)
     assert last["model"]["0.weight"].unique().item() == 10.0
     assert not list(run.ckpt_dir.glob(".*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert run.last.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
