@@ -51,8 +51,14 @@ def test_step_schedule_last_value():
 
 @pytest.mark.parametrize("warmup", [2.0, 3.0])
 def test_warmup_as_long_as_the_run_is_refused(warmup):
-    with pytest.raises(UserError, match="warmup_epochs=.* is not shorter than epochs=2"):
-        lr_curve(TrainConfig(epochs=2, warmup_epochs=warmup), 22)
+    with pytest.raises(ValueError, match="warmup_epochs=.* is not shorter than epochs=2"):
+        TrainConfig(epochs=2, warmup_epochs=warmup)
+
+
+def test_warmup_that_rounds_to_the_whole_run_is_refused():
+    """0.99 of a 22-step epoch rounds to 22 warm-up steps: nothing left to anneal."""
+    with pytest.raises(UserError, match=r"warmup_epochs=0.99 is not shorter .*\(22 of 22"):
+        lr_curve(TrainConfig(epochs=1, warmup_epochs=0.99), 22)
 
 
 def test_one_step_run_without_warmup():
