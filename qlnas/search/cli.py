@@ -52,7 +52,26 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     if (out / "best_config.yaml").is_file():
         print(f"best config: {out / 'best_config.yaml'} (qlnas train --config ...)")
     print(f"TensorBoard: qlnas tensorboard {out}   (or tensorboard --logdir {out / 'trials'})")
-    return 0
+    return _outcome(rows, out)
+
+
+def _outcome(rows: list[dict], out) -> int:
+    """0 when a trial completed; else 1, with a line that counts what happened instead."""
+    import sys
+
+    counts = {s: sum(r["status"] == s for r in rows) for s in
+              ("completed", "pruned", "diverged", "errored", "running")}
+    errored = counts["errored"]
+    where = f"see the error column of {out / 'leaderboard.md'}"
+    if counts["completed"]:
+        if errored:
+            print(f"qlnas: warning: {errored} of {len(rows)} trials errored; {where}",
+                  file=sys.stderr)
+        return 0
+    what = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    print(f"qlnas: error: no trial completed ({len(rows)} trials: {what or 'none run'}); "
+          f"{where}", file=sys.stderr)
+    return 1
 
 
 def run_report_cmd(args: argparse.Namespace) -> int:

@@ -9,6 +9,10 @@
   and the trial frees its workers at once.
 - `QLOptunaSearch` tells Optuna a diverged or pruned trial as PRUNED (with its intermediate
   values), so TPE ranks that region below every completed trial instead of ignoring it.
+
+A trial's objective value is its metric at its last epoch (`report.objective_values`); every
+epoch's value reaches Optuna as an intermediate value, whatever the pruner. A trial that has
+trained all its epochs is never pruned: it is completed, exported and COMPLETE in Optuna.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import optuna
 import ray
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
+
+from qlnas.search.report import objective_values
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +54,62 @@ def create_board(name: str):
     return StopBoard.options(name=name, namespace=NAMESPACE, lifetime=None).remote()
 
 
-def stop_poller(board_name: str, trial_id: str):
-    """For a trial's worker: a function that says whether the trial must stop now."""
-    board = ray.get_actor(board_name, namespace=NAMESPACE)
+class StopPoller:
+    """For a trial's workers: says whether the trial must stop, without ever blocking.
 
-    def should_stop() -> bool:
+    One request to the board is always outstanding; a call only looks whether it has resolved
+    (`ray.wait` with a zero timeout) and, if so, reads it and sends the next one. So a decision
+    reaches the trial within two polls of its posting, and a slow or dead GCS never stalls a
+    training step. A lost board is logged once; the trial then keeps its last decision.
+    Once the last epoch is reported (`finished`), the answer is False: a trial that has
+    trained all its epochs is completed, whatever was posted meanwhile.
+    """
+
+    def __init__(self, board_name: str, trial_id: str) -> None:
+        self.trial_id = trial_id
+        self.finished = False
+        self._stop = False
+        self._pending = None
         try:
-            return ray.get(board.reason.remote(trial_id), timeout=10) is not None
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            return False
+            self._board = ray.get_actor(board_name, namespace=NAMESPACE)
+        except ValueError:
+            log.warning("trial %s: no stop board %r; this trial cannot be pruned", trial_id,
+                        board_name)
+            self._board = None
+        else:
+            self._ask()
 
-    return should_stop
+    def _ask(self) -> None:
+        try:
+            self._pending = self._board.reason.remote(self.trial_id)
+        except ray.exceptions.RayError as exc:
+            self._lose(exc)
+
+    def _lose(self, exc: Exception) -> None:
+        log.warning("trial %s: stop board lost (%s); keeping the last decision (%s)",
+                    self.trial_id, type(exc).__name__, "stop" if self._stop else "continue")
+        self._board = self._pending = None
+
+    def __call__(self) -> bool:
+        if self._board is not None and not self._stop:
+            if self._pending is None:
+                self._ask()
+            if self._pending is not None:
+                ready, _ = ray.wait([self._pending], timeout=0)
+                if ready:
+                    try:
+                        self._stop = ray.get(ready[0]) is not None
+                        self._pending = None
+                        if not self._stop:
+                            self._ask()
+                    except ray.exceptions.RayError as exc:
+                        self._lose(exc)
+        return self._stop and not self.finished
+
+
+def stop_poller(board_name: str, trial_id: str) -> StopPoller:
+    """For a trial's worker: a callable that says whether the trial must stop now."""
+    return StopPoller(board_name, trial_id)
 
 
 def nonfinite_or_diverged(result: dict, metrics: list[str]) -> bool:
@@ -71,11 +122,23 @@ def nonfinite_or_diverged(result: dict, metrics: list[str]) -> bool:
     return False
 
 
-class QLOptunaSearch(OptunaSearch):
-    """OptunaSearch that reports to a pruner and tells stopped trials as PRUNED."""
+def trained_all_epochs(result: dict | None, max_epochs: int) -> bool:
+    """The trial's last report closes its last epoch (so it must not be pruned)."""
+    return bool(result) and not result.get("diverged") \
+        and int(result.get("epoch", 0)) >= max_epochs
 
-    def __init__(self, *args, pruner: optuna.pruners.BasePruner | None = None, **kwargs):
+
+class QLOptunaSearch(OptunaSearch):
+    """OptunaSearch that reports every epoch, asks a pruner and tells each trial's outcome.
+
+    COMPLETE (with `objective_values`) for a trial that trained all its epochs; PRUNED for one
+    stopped earlier (by a pruner, or diverged); FAIL for one that errored.
+    """
+
+    def __init__(self, *args, pruner: optuna.pruners.BasePruner | None = None,
+                 max_epochs: int = 1, **kwargs):
         self._pruner = pruner  # read by _setup_study, which the base __init__ calls
+        self.max_epochs = max_epochs
         self.stopped: dict[str, str] = {}
         super().__init__(*args, **kwargs)
 
@@ -84,12 +147,21 @@ class QLOptunaSearch(OptunaSearch):
         if self._pruner is not None:
             self._ot_study.pruner = self._pruner
 
+    @property
+    def metrics(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass  # the scheduler reports intermediate values (see report_and_ask)
 
     def report_and_ask(self, trial_id: str, result: dict, step: int) -> bool:
-        """Report the objective at `step` to Optuna; True when its pruner says prune."""
-        if isinstance(self.metric, list) or trial_id not in self._ot_trials:
+        """Report the objective at epoch `step` to Optuna; True when its pruner says prune.
+
+        Optuna keeps no intermediate values for two objectives; their curves stay in each
+        trial's metrics.csv.
+        """
+        if isinstance(self.metric, list) or trial_id not in self._ot_trials \
+                or trial_id in self._completed_trials or result.get("diverged"):
             return False
         value = result.get(self.metric)
         if not isinstance(value, int | float) or not math.isfinite(value):
@@ -99,23 +171,39 @@ class QLOptunaSearch(OptunaSearch):
             trial.report(float(value), step)
         return self._pruner is not None and trial.should_prune()
 
+    def outcome(self, trial_id: str, result: dict | None, error: bool
+                ) -> tuple[optuna.trial.TrialState, list[float] | None]:
+        """The Optuna state and values of a finished trial."""
+        state = optuna.trial.TrialState
+        if error:
+            return state.FAIL, None
+        if trained_all_epochs(result, self.max_epochs):
+            values = objective_values(result, self.metrics)
+            return (state.COMPLETE, values) if values is not None else (state.FAIL, None)
+        if result and (result.get("diverged") or trial_id in self.stopped):
+            return state.PRUNED, None
+        return state.FAIL, None  # ended early, neither stopped nor diverged
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        reason = self.stopped.get(trial_id)
-        if reason is None and result and result.get("diverged"):
-            reason = "diverged"
-        if reason is None or trial_id not in self._ot_trials \
-                or trial_id in self._completed_trials:
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
+        state, values = self.outcome(trial_id, result, error)
+        values = values if values is None or isinstance(self.metric, list) else values[0]
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
         except (ValueError, RuntimeError) as exc:
             log.warning("optuna: %s", exc)
         self._completed_trials.add(trial_id)
 
 
 class PruningScheduler(FIFOScheduler):
-    """Stops diverged trials at once and poor ones by an Optuna pruner or ASHA, from inside."""
+    """Stops diverged trials at once and poor ones by an Optuna pruner or ASHA, from inside.
+
+    Every epoch's objective goes to Optuna first, whatever the pruner. No trial is pruned at
+    or after its last epoch (ASHA returns STOP at `max_t`, and an Optuna pruner may judge the
+    last step): a trial that got there has trained all its epochs.
+    """
 
     def __init__(self, board_name: str, searcher: QLOptunaSearch, metrics: list[str],
                  modes: list[str], pruner: str, grace_epochs: int, reduction_factor: int,
@@ -125,11 +213,13 @@ class PruningScheduler(FIFOScheduler):
         self.metrics = metrics
         self.pruner = pruner
         self.grace = grace_epochs
+        self.max_epochs = max(max_epochs, 1)
         self.asha = None
         if pruner == "asha":
             self.asha = ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0],
-                                      max_t=max(max_epochs, 1), grace_period=max(grace_epochs, 1),
-                                      reduction_factor=reduction_factor)
+                                      max_t=self.max_epochs,
+                                      grace_period=min(max(grace_epochs, 1), self.max_epochs),
+                                      reduction_factor=reduction_factor, stop_last_trials=False)
 
     def _stop(self, trial, reason: str) -> None:
         if trial.trial_id in self.searcher.stopped:
@@ -137,20 +227,26 @@ class PruningScheduler(FIFOScheduler):
         log.info("trial %s: %s; stopping it from inside", trial.trial_id, reason)
         self.searcher.stopped[trial.trial_id] = reason
         # Looked up by name: a restored search pickles this scheduler, not the actor handle.
-        ray.get_actor(self.board_name, namespace=NAMESPACE).post.remote(trial.trial_id, reason)
+        try:
+            ray.get_actor(self.board_name, namespace=NAMESPACE).post.remote(trial.trial_id,
+                                                                            reason)
+        except ValueError:
+            log.error("stop board %s is gone: trial %s cannot be stopped", self.board_name,
+                      trial.trial_id)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if nonfinite_or_diverged(result, self.metrics):
             self._stop(trial, "diverged")
             return TrialScheduler.CONTINUE
         epoch = int(result.get("epoch", 0))
+        # First report (every pruner), then ask Optuna's pruner (median, hyperband) if any.
+        prune = self.searcher.report_and_ask(trial.trial_id, result, epoch) \
+            and epoch >= self.grace
         if self.asha is not None:
-            if self.asha.on_trial_result(tune_controller, trial, result) == TrialScheduler.STOP:
-                self._stop(trial, "pruned")
-        elif self.pruner != "none":
-            if self.searcher.report_and_ask(trial.trial_id, result, epoch) \
-                    and epoch >= self.grace:
-                self._stop(trial, "pruned")
+            prune = self.asha.on_trial_result(tune_controller, trial, result) \
+                == TrialScheduler.STOP
+        if prune and epoch < self.max_epochs:
+            self._stop(trial, "pruned")
         return TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:

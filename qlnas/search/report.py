@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import time
 from pathlib import Path
 
 import yaml
@@ -20,6 +22,7 @@ from qlnas.tables import format_rows
 log = logging.getLogger(__name__)
 
 STATUSES = ("completed", "pruned", "diverged", "errored", "running")
+DEFAULT_OBJECTIVE = {"metric": "val_top1", "mode": "max"}
 
 
 def _label(trial: dict) -> str:
@@ -42,32 +45,66 @@ def _history(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def objective_values(last: dict, metrics: list[str]) -> list[float] | None:
+    """A trial's objective value(s): each metric at the trial's last epoch (None if missing).
+
+    The last epoch, not the best one: it is the model the trial exports and what retraining
+    its configuration (best_config.yaml) reproduces, while a maximum over noisy epochs favours
+    trials by their noise. Optuna (COMPLETE values), the leaderboard and best_config.yaml all
+    use this value. `last`: the last epoch's metrics with the trial's params_m and gmacs.
+    """
+    values = []
+    for metric in metrics:
+        try:
+            value = float(last[metric])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not math.isfinite(value):
+            return None
+        values.append(value)
+    return values
+
+
 def collect(out: Path) -> list[dict]:
-    """One row per trial, best val top-1 first (completed trials before the others)."""
-    rows = []
+    """One row per trial: completed ones first, best by the search's first objective (at the
+    last epoch, see `objective_values`), then pruned, diverged, errored and running ones."""
+    entries, objective = [], DEFAULT_OBJECTIVE
+    order = {s: i for i, s in enumerate(STATUSES)}
     for path in sorted((out / "trials").glob("*/trial.json")):
         try:
             trial = json.loads(path.read_text())
         except (OSError, ValueError):
             log.warning("unreadable %s", path)
             continue
+        objective = (trial.get("objectives") or [objective])[0]
         history = _history(path.parent / "run")
-        top1 = [float(r["val_top1"]) for r in history if r.get("val_top1")]
-        ended = trial.get("ended")
-        wall = (ended or trial["started"]) - trial["started"]
+        last = {**(history[-1] if history else {}), "params_m": trial.get("params_m"),
+                "gmacs": trial.get("gmacs")}
+        top1 = objective_values(last, ["val_top1"])
+        value = objective_values(last, [objective["metric"]])
         rec = dict(trial.get("params", {}))
-        rows.append({
+        row = {
             "trial": trial["trial_id"], "model": _label(trial),
-            "params_m": round(trial["params_m"], 3), "gmacs": round(trial["gmacs"], 3),
-            "val_top1": round(max(top1), 4) if top1 else None, "epochs": len(history),
-            "status": trial["status"], "wall_s": round(wall, 1),
+            "params_m": _round(trial.get("params_m")), "gmacs": _round(trial.get("gmacs")),
+            "val_top1": round(top1[0], 4) if top1 else None, "epochs": len(history),
+            "status": trial["status"],
+            "wall_s": round((trial.get("ended") or time.time()) - trial["started"], 1),
             "recipe": " ".join(f"{k}={_fmt(v)}" for k, v in rec.items()
                                if k not in ("form", "act", "act_at", "weight_sharing",
                                             "expansion", "model")),
-        })
-    order = {s: i for i, s in enumerate(STATUSES)}
-    rows.sort(key=lambda r: (order.get(r["status"], 9), -(r["val_top1"] or 0.0)))
-    return rows
+        }
+        if objective["metric"] not in row:
+            row[objective["metric"]] = round(value[0], 4) if value else None
+        row["error"] = (trial.get("error") or "").replace("|", "/")
+        sign = -1.0 if objective["mode"] == "max" else 1.0
+        entries.append(((order.get(row["status"], 9), value is None,
+                         sign * value[0] if value else 0.0), row))
+    entries.sort(key=lambda e: e[0])
+    return [row for _, row in entries]
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 3) if isinstance(value, int | float) else None
 
 
 def _fmt(v: object) -> str:
@@ -97,7 +134,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     colors = {"completed": "tab:blue", "pruned": "tab:gray", "diverged": "tab:red",
               "errored": "black", "running": "tab:orange"}
     for status, color in colors.items():
-        pts = [r for r in rows if r["status"] == status]
+        pts = [r for r in rows if r["status"] == status and r["params_m"] is not None]
         if pts:
             ax.scatter([r["params_m"] for r in pts], [r["val_top1"] or 0.0 for r in pts],
                        c=color, label=f"{status} ({len(pts)})", alpha=0.8)
@@ -109,7 +146,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
             ax.annotate(r["model"], (r["params_m"], r["val_top1"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("best val top-1")
+    ax.set_ylabel("val top-1 (last epoch)")
     ax.set_title(f"{len(rows)} trials: accuracy vs parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -130,10 +167,12 @@ def write_report(out: str | Path) -> list[dict]:
     if rows:
         plot_pareto(rows, out / "pareto.png")
     best = next((r for r in rows if r["status"] == "completed"), None)
-    if best is not None:
+    if best is not None:  # the leaderboard's first row: the best objective at the last epoch
         trial = json.loads((out / "trials" / best["trial"] / "trial.json").read_text())
+        objective = (trial.get("objectives") or [DEFAULT_OBJECTIVE])[0]
         config = dict(trial["train_config"], out=f"runs/best-{best['trial']}")
-        text = (f"# Best trial {best['trial']} ({best['model']}, val top-1 "
-                f"{best['val_top1']}) of {out}\n# Train it: qlnas train --config THIS_FILE\n")
+        text = (f"# Best trial {best['trial']} ({best['model']}, {objective['metric']} "
+                f"{best[objective['metric']]} at its last epoch) of {out}\n"
+                "# Train it: qlnas train --config THIS_FILE\n")
         atomic_write_text(text + yaml.safe_dump(config, sort_keys=False), out / "best_config.yaml")
     return rows

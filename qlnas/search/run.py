@@ -92,7 +92,7 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
         make_pruner,
     )
     from qlnas.search.report import write_report
-    from qlnas.search.trial import trial_driver
+    from qlnas.search.trial import TrialRecords, trial_driver
 
     _connect(address)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,8 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
             metric=metrics if space.multi_objective else metrics[0],
             mode=modes if space.multi_objective else modes[0],
             sampler=_sampler(space),
-            pruner=make_pruner(pr.pruner, pr.grace_epochs, pr.reduction_factor, epochs))
+            pruner=make_pruner(pr.pruner, pr.grace_epochs, pr.reduction_factor, epochs),
+            max_epochs=epochs)
         scheduler = PruningScheduler(board_name, searcher, metrics, modes, pr.pruner,
                                      pr.grace_epochs, pr.reduction_factor, epochs)
         tuner = tune.Tuner(
@@ -124,10 +125,12 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
                                         max_concurrent_trials=_max_concurrent(space)),
             run_config=tune.RunConfig(
                 name=TUNE_NAME, storage_path=str(out), verbose=1,
-                failure_config=tune.FailureConfig(max_failures=0),
+                # A retried trial starts its trainable again; its run resumes from its last
+                # checkpoint.
+                failure_config=tune.FailureConfig(max_failures=space.resources.trial_retries),
                 # Tune's own JSON/CSV results; its TensorBoard logger stays off so that
                 # `tensorboard --logdir OUT` shows each trial's run once (from fit).
-                callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]),
+                callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialRecords(str(out))]),
         )
     try:
         tuner.fit()

@@ -77,7 +77,11 @@ class Resources:
     max_concurrent_trials: int = 0
     """Upper bound on trials at once (0: as many as the cluster's resources allow)."""
     max_failures: int = 1
-    """Restarts of a trial whose worker crashed (from its last checkpoint)."""
+    """Restarts of a trial's workers after a worker crashed (Ray Train, from the last
+    checkpoint)."""
+    trial_retries: int = 0
+    """Restarts of a trial that errored as a whole (Tune's FailureConfig.max_failures): its
+    trainable runs again and its run resumes from its last checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +318,9 @@ def load_space(path: str | Path) -> SearchSpace:
     if resources.workers_per_trial < 1 or resources.cpus_per_worker < 0 \
             or resources.gpus_per_worker < 0:
         raise c.fail("resources", "workers_per_trial >= 1 and non-negative CPUs/GPUs expected")
+    for name in ("max_failures", "trial_retries"):
+        if getattr(resources, name) < 0:
+            raise c.fail(f"resources.{name}", f"{getattr(resources, name)}: expected >= 0")
     pruning = c.dataclass(Pruning, raw.get("pruning"), "pruning")
     if pruning.pruner not in PRUNERS:
         raise c.fail("pruning.pruner", f"{pruning.pruner!r}: expected one of "

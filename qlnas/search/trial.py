@@ -13,6 +13,7 @@ import ray.train.torch
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from qlnas.errors import UserError
 from qlnas.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,13 @@ def worker_loop(cfg: dict) -> None:
     config = TrainConfig.from_dict(cfg["train"], source=f"trial {cfg['trial_id']}")
     extra = {"params_m": cfg["params_m"], "gmacs": cfg["gmacs"]}
 
+    should_stop = stop_poller(cfg["board"], cfg["trial_id"])
+
     def report(metrics: dict) -> None:
+        if not metrics.get("diverged") and metrics.get("epoch", 0) >= config.epochs:
+            should_stop.finished = True  # trained all its epochs: completed, never pruned
         ray.train.report({**_jsonable(metrics), **extra})
 
-    should_stop = stop_poller(cfg["board"], cfg["trial_id"])
     fit(config, dist=dist, report=report, resume=True, should_stop=should_stop,
         progress_bar=False)
 
@@ -52,22 +56,42 @@ def trial_driver(params: dict, settings: dict) -> None:
     """The Tune trainable: builds the trial's TorchTrainer, runs it, records the outcome.
 
     `params`: the sampled values; `settings` (via tune.with_parameters): the SearchSpace, the
-    search folder and the stop board's name.
+    search folder and the stop board's name. ``trials/<id>/trial.json`` is written before
+    anything can fail and again at the end with the status (and, for an errored trial, its
+    error in one line); an error is raised again so that Tune and Optuna see it too.
     """
     trial_id = ray.tune.get_context().get_trial_id()
     space = settings["space"]
     out = Path(settings["out"]) / "trials" / trial_id
-    train_cfg = space.train_config(params, out=str(out / "run"))
-    spec, params_m, gmacs = _model_facts(train_cfg, space.resources.workers_per_trial)
-    record = {"trial_id": trial_id, "params": params, "spec": spec, "model": train_cfg.model,
-              "params_m": params_m, "gmacs": gmacs, "started": time.time(), "status": "running",
-              "train_config": train_cfg.to_dict()}
-    started_before = _previous_start(out)
-    if started_before:
-        record["started"] = started_before
+    previous = _previous_record(out)
+    record = {"trial_id": trial_id, "params": params, "spec": None, "model": None,
+              "params_m": None, "gmacs": None, "started": previous.get("started", time.time()),
+              "status": "running", "attempts": previous.get("attempts", 0) + 1,
+              "objectives": [{"metric": o.metric, "mode": o.mode} for o in space.objectives]}
     atomic_write_json(record, out / "trial.json")
-    res = space.resources
-    trainer = ray.train.torch.TorchTrainer(
+    status, error = "errored", None
+    try:
+        train_cfg = space.train_config(params, out=str(out / "run"))
+        spec, params_m, gmacs = _model_facts(train_cfg, space.resources.workers_per_trial)
+        record.update(spec=spec, model=train_cfg.model, params_m=params_m, gmacs=gmacs,
+                      train_config=train_cfg.to_dict())
+        atomic_write_json(record, out / "trial.json")
+        _build_trainer(train_cfg, trial_id, settings, params_m, gmacs).fit()
+        result_file = out / "run" / "result.json"
+        if not result_file.is_file():
+            raise RuntimeError(f"the trial's training ended without {result_file}")
+        status = json.loads(result_file.read_text())["status"]
+    except BaseException as exc:
+        error = error_line(exc)
+        raise
+    finally:
+        record.update(status=status, ended=time.time(), error=error)
+        atomic_write_json(record, out / "trial.json")
+
+
+def _build_trainer(train_cfg, trial_id: str, settings: dict, params_m: float, gmacs: float):
+    res = settings["space"].resources
+    return ray.train.torch.TorchTrainer(
         worker_loop,
         train_loop_config={"train": train_cfg.to_dict(), "trial_id": trial_id,
                            "board": settings["board"], "cpus_per_worker": res.cpus_per_worker,
@@ -80,25 +104,37 @@ def trial_driver(params: dict, settings: dict) -> None:
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures)),
     )
-    status = "errored"
-    try:
-        trainer.fit()
-        result_file = out / "run" / "result.json"
-        status = json.loads(result_file.read_text())["status"] if result_file.is_file() \
-            else "errored"
-    finally:
-        record.update(status=status, ended=time.time())
-        atomic_write_json(record, out / "trial.json")
 
 
-def _previous_start(out: Path) -> float | None:
+def error_line(exc: BaseException) -> str:
+    """One line for the leaderboard: a worker's own error rather than Ray's wrapping."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        return f"rank {rank}: {error_line(failures[rank])}"
+    for attr in ("controller_failure", "cause"):
+        inner = getattr(exc, attr, None)
+        if isinstance(inner, BaseException) and inner is not exc:
+            return error_line(inner)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, UserError):
+        text = lines[0] if lines else ""
+    elif len(lines) > 1:
+        text = lines[-1]  # a traceback's last line names the exception and its message
+    else:
+        text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _previous_record(out: Path) -> dict:
+    """The trial's record from an earlier attempt (a Tune retry or a resumed search)."""
     path = out / "trial.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text()).get("started")
+            return json.loads(path.read_text())
         except (OSError, ValueError):
-            return None
-    return None
+            return {}
+    return {}
 
 
 def _model_facts(train_cfg, world_size: int) -> tuple[dict | None, float, float]:
@@ -111,3 +147,27 @@ def _model_facts(train_cfg, world_size: int) -> tuple[dict | None, float, float]
     spec = getattr(model, "spec", None)
     return (spec.to_dict() if spec is not None else None, count_params(model) / 1e6,
             count_macs(model, 224) / 1e9)
+
+
+class TrialRecords(ray.tune.Callback):
+    """In the driver: the end of a trial's record when its trainable could not write it (its
+    actor died, or it failed before its first line), so no errored trial goes missing."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        out = self.out / "trials" / trial.trial_id
+        record = _previous_record(out)
+        if record.get("status") not in (None, "running"):
+            return
+        try:
+            exc = trial.get_pickled_error() or trial.get_error()
+        except Exception:  # noqa: BLE001 (an unreadable error file must not hide the record)
+            exc = None
+        now = time.time()
+        record = {"trial_id": trial.trial_id, "params": dict(trial.config), "spec": None,
+                  "model": None, "params_m": None, "gmacs": None, "started": now,
+                  "attempts": 1, **record, "status": "errored", "ended": now,
+                  "error": error_line(exc) if exc is not None else "the trial's actor failed"}
+        atomic_write_json(record, out / "trial.json")

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SPACE = """\
-# test-only space: a 2x2 grid, where lr 1e4 diverges at once
+# The fixed settings of the test spaces: qlnet26n on the embedded digits, short epochs.
+FIXED = """\
 fixed:
   model: qlnet26n
   epochs: {epochs}
@@ -22,9 +23,13 @@ fixed:
   resolution: 32
   warmup_epochs: 0
   workers: 1
-  max_steps_per_epoch: 6
+  max_steps_per_epoch: {steps}
   crop_scale_min: 0.35
   hflip: false
+"""
+
+SPACE = "# test-only space: a 2x2 grid, where lr 1e4 diverges at once\n" \
+    + FIXED.replace("{steps}", "6") + """\
 arch:
   form: {forms}
   act: softball
@@ -127,3 +132,52 @@ def test_killed_driver_resumes_the_study(tmp_path):
     assert (out / "trials" / first["trial_id"] / "run" / "metrics.csv").read_text() \
         == finished_metrics
     assert sorted(r["params"]["form"] for r in records) == ["eq3", "eq4", "eq6"]
+
+
+ERRORING = """\
+# test-only space: no batch size splits over the 2 workers, so every trial errors
+fixed:
+  model: qlnet26n
+  epochs: 1
+  resolution: 32
+  warmup_epochs: 0
+  workers: 1
+  max_steps_per_epoch: 2
+arch:
+  form: eq3
+  act: softball
+recipe:
+  batch_size: [63, 65]
+search:
+  num_trials: 2
+  searcher: grid
+resources:
+  workers_per_trial: 2
+  cpus_per_worker: 1
+  trial_retries: 1
+"""
+
+
+def test_a_search_whose_trials_all_error_fails_and_lists_them(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(ERRORING)
+    out = tmp_path / "out"
+    proc = search("--space", str(space), "--out", str(out), timeout=600)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "no trial completed (2 trials: 2 errored)" in proc.stderr
+    records = trials(out)  # each failed before its model was built, and still left a record
+    assert sorted(r["params"]["batch_size"] for r in records) == [63, 65]
+    for r in records:
+        assert r["status"] == "errored" and r["attempts"] == 2  # trial_retries: 1
+        assert r["error"] == f"batch_size={r['params']['batch_size']} is not divisible by " \
+            "the 2 processes"
+    with open(out / "leaderboard.csv") as f:
+        rows = {r["trial"]: r for r in csv.DictReader(f)}
+    assert {t: r["error"] for t, r in rows.items()} == {r["trial_id"]: r["error"]
+                                                         for r in records}
+    assert not (out / "best_config.yaml").exists()
+    # Optuna was told: FAIL, so no sampler learns from them as if they had a value.
+    [path] = (out / "tune").glob("searcher-state-*.pkl")
+    with path.open("rb") as f:
+        state = pickle.load(f)
+    assert {t.state.name for t in state["_ot_study"].trials} == {"FAIL"}

@@ -53,6 +53,7 @@ BASE = "fixed: {epochs: 1, warmup_epochs: 0}\narch:\n  form: [eq3, eq4]\n"
      "search.objectives[0].metric: 'accuracy'"),
     (BASE + "pruning: {pruner: sometimes}\n", "pruning.pruner: 'sometimes'"),
     ("fixed: {epochs: 1, warmup_epochs: 0}\n", "arch: nothing to search"),
+    (BASE + "resources: {trial_retries: -1}\n", "resources.trial_retries: -1: expected >= 0"),
 ])
 def test_invalid_space_names_file_and_key(tmp_path, text, message):
     path = _write(tmp_path, text)
@@ -72,3 +73,9 @@ def test_conditions_fix_parameters(tmp_path):
         values = space.sample(trial)
         if values["form"] == "eq4":
             assert values["expansion"] == 4 and "expansion" not in trial.params
+
+
+def test_trial_retries_default_to_none(tmp_path):
+    assert load_space(_write(tmp_path, BASE)).resources.trial_retries == 0
+    path = _write(tmp_path, BASE + "resources: {trial_retries: 2}\n")
+    assert load_space(path).resources.trial_retries == 2

@@ -1,0 +1,257 @@
+"""Pruning: every pruner reports each epoch, never prunes a trial that trained all its epochs,
+and stops poor trials from inside through the stop board (which a poll never waits on)."""
+
+import json
+import logging
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from qlnas.search import pruning
+from qlnas.search.pruning import PruningScheduler, QLOptunaSearch, make_pruner
+from tests.search.test_search import FIXED
+
+State = optuna.trial.TrialState
+EPOCHS = 3  # of the unit tests
+# Of the searches: a stop reaches a trial some seconds after the report that decided it (Ray
+# Train's 2 s report poll, Tune's loop, two polls of the board), i.e. up to 3 of these ~3 s
+# epochs; 6 leave room for it before the last one.
+SEARCH_EPOCHS = 6
+
+
+class FakeBoard:
+    """Stands in for the board actor: records the posts."""
+
+    def __init__(self) -> None:
+        self.posts: dict[str, str] = {}
+        self.post = SimpleNamespace(remote=lambda tid, reason: self.posts.setdefault(tid, reason))
+
+
+def make_search(pruner: str, monkeypatch) -> tuple[QLOptunaSearch, PruningScheduler, FakeBoard]:
+    board = FakeBoard()
+    monkeypatch.setattr(pruning.ray, "get_actor", lambda name, namespace: board)
+    searcher = QLOptunaSearch(
+        space=lambda t: {"lr": t.suggest_float("lr", 0.1, 1.0)}, metric="val_top1", mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=make_pruner(pruner, 1, 3, EPOCHS), max_epochs=EPOCHS)
+    scheduler = PruningScheduler("board", searcher, ["val_top1"], ["max"], pruner,
+                                 grace_epochs=1, reduction_factor=3, max_epochs=EPOCHS)
+    return searcher, scheduler, board
+
+
+def run_trial(searcher, scheduler, board, trial_id: str, curve: list[float]) -> None:
+    """Suggest, report `curve` epoch by epoch (ending early once stopped), complete."""
+    trial = SimpleNamespace(trial_id=trial_id)
+    searcher.suggest(trial_id)
+    scheduler.on_trial_add(None, trial)
+    result = {}
+    for epoch, value in enumerate(curve, 1):
+        result = {"epoch": epoch, "val_top1": value, "train_loss": 1.0, "diverged": False}
+        scheduler.on_trial_result(None, trial, result)
+        if trial_id in board.posts:
+            break
+    scheduler.on_trial_complete(None, trial, result)
+    searcher.on_trial_complete(trial_id, result)
+
+
+def frozen(searcher, trial_id: str):
+    ot = searcher._ot_trials[trial_id]
+    return searcher._ot_study._storage.get_trial(ot._trial_id)
+
+
+@pytest.mark.parametrize("pruner", ["none", "median", "hyperband", "asha"])
+def test_a_trial_that_trains_all_its_epochs_is_complete(pruner, monkeypatch):
+    searcher, scheduler, board = make_search(pruner, monkeypatch)
+    # Two good trials, then one that is as good until its last epoch only falls behind
+    # there (a pruner judging the last step would prune it), then a poor one.
+    curves = {"a": [0.5, 0.6, 0.8], "b": [0.5, 0.7, 0.9], "c": [0.6, 0.8, 0.1],
+              "d": [0.1, 0.1, 0.1]}
+    for trial_id, curve in curves.items():
+        run_trial(searcher, scheduler, board, trial_id, curve)
+    for trial_id in "abc":
+        t = frozen(searcher, trial_id)
+        assert t.state == State.COMPLETE, (trial_id, board.posts)
+        assert t.value == curves[trial_id][-1]  # the objective: the last epoch's value
+        assert t.intermediate_values == {1: curves[trial_id][0], 2: curves[trial_id][1],
+                                         3: curves[trial_id][2]}
+    d = frozen(searcher, "d")
+    if pruner == "none":
+        assert d.state == State.COMPLETE and board.posts == {}
+    else:
+        assert d.state == State.PRUNED and board.posts == {"d": "pruned"}
+        assert d.intermediate_values == {1: 0.1}
+
+
+def test_a_trial_that_errors_after_its_stop_is_failed(monkeypatch):
+    """Optuna's state follows the trial's record: errored is FAIL, even after a stop."""
+    searcher, scheduler, board = make_search("median", monkeypatch)
+    for trial_id in "ab":
+        run_trial(searcher, scheduler, board, trial_id, [0.5, 0.6, 0.7])
+    trial = SimpleNamespace(trial_id="c")
+    searcher.suggest("c")
+    scheduler.on_trial_result(None, trial, {"epoch": 1, "val_top1": 0.1, "train_loss": 1.0})
+    assert board.posts == {"c": "pruned"}
+    searcher.on_trial_complete("c", None, error=True)  # its workers crashed meanwhile
+    assert frozen(searcher, "c").state == State.FAIL
+    assert frozen(searcher, "c").intermediate_values == {1: 0.1}
+
+
+# --- the poll of the stop board, on a real Ray --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for this module's tests (and its searches, which join it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_stop_poll_never_blocks_and_survives_a_lost_board(local_ray, caplog):
+    ray = local_ray
+
+    @ray.remote(num_cpus=0)
+    class SlowBoard:  # a board behind a slow GCS: every answer takes 3 s
+        def __init__(self):
+            self.reasons = {}
+
+        def post(self, trial_id, reason):
+            self.reasons[trial_id] = reason
+
+        def reason(self, trial_id):
+            time.sleep(3)
+            return self.reasons.get(trial_id)
+
+    board = SlowBoard.options(name="slow", namespace=pruning.NAMESPACE).remote()
+    ray.get(board.post.remote("other", "pruned"))
+    poll = pruning.stop_poller("slow", "t1")
+    calls = []
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        t0 = time.perf_counter()
+        answer = poll()
+        calls.append(time.perf_counter() - t0)
+        if len(calls) == 20:
+            ray.get(board.post.remote("t1", "pruned"))
+        if answer:
+            break
+        time.sleep(0.1)
+    assert max(calls) < 0.5, f"a poll waited {max(calls):.2f} s"
+    assert answer, "the posted stop never reached the poll"
+    # The last epoch reported: the trial is completed, whatever was posted.
+    poll.finished = True
+    assert poll() is False
+    poll.finished = False
+    # A lost board: logged once, the trial keeps its last decision (here: stop).
+    poll2 = pruning.stop_poller("slow", "t1")
+    ray.kill(board)
+    with caplog.at_level(logging.WARNING, logger="qlnas.search.pruning"):
+        answers = []
+        for _ in range(30):
+            answers.append(poll2())
+            time.sleep(0.2)
+        assert answers[-1] is False  # it never got an answer: it keeps "continue"
+    lost = [r for r in caplog.records if "stop board lost" in r.getMessage()]
+    assert len(lost) == 1
+    assert poll() is True  # the first poller keeps its "stop"
+
+
+# --- searches where a pruner stops a trial through the board ------------------------------
+
+SPACE = "# test-only space: lr 1e-5 learns nothing in 6 short epochs, so every pruner " \
+    "stops it\n" + FIXED.replace("{steps}", "20") + """\
+arch:
+  form: eq3
+  act: softball
+recipe:
+  lr: [0.3, 0.2, 1.0e-05]
+search:
+  num_trials: 3
+  searcher: grid
+  seed: 3
+pruning:
+  pruner: {pruner}
+  grace_epochs: 1
+  reduction_factor: 3
+resources:
+  workers_per_trial: 2
+  cpus_per_worker: 1
+"""
+
+
+def search(address: str, *args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "qlnas.cli", "search", "--address", address,
+                           *args], capture_output=True, text=True, timeout=timeout)
+
+
+def records(out: Path) -> list[dict]:
+    return sorted((json.loads(p.read_text()) for p in (out / "trials").glob("*/trial.json")),
+                  key=lambda r: r["started"])
+
+
+def study_trials(out: Path) -> dict:
+    """Tune trial id -> the Optuna trial, from the search's own (checkpointed) study."""
+    paths = sorted((out / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    with paths[-1].open("rb") as f:
+        state = pickle.load(f)
+    storage = state["_ot_study"]._storage
+    return {tid: storage.get_trial(t._trial_id) for tid, t in state["_ot_trials"].items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "asha"])
+def test_a_pruner_stops_a_poor_trial_from_inside(pruner, tmp_path, local_ray):
+    """Median, Hyperband and ASHA on the same space: the poor trial is pruned from inside
+    (before its last epoch, its workers freed), the first one trains all its epochs."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.format(pruner=pruner, epochs=SEARCH_EPOCHS))
+    out = tmp_path / "out"
+    address = local_ray.get_runtime_context().gcs_address
+    proc = search(address, "--space", str(space), "--out", str(out))
+    finished = time.time()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    recs = records(out)
+    assert [r["params"]["lr"] for r in recs] == [0.2, 0.3, 1e-05], "grid order changed"
+    status = {r["params"]["lr"]: r["status"] for r in recs}
+    assert status[0.2] == "completed" and status[1e-05] == "pruned", status
+    optuna_trials = study_trials(out)
+    rows = json.loads(subprocess.run([sys.executable, "-m", "qlnas.cli", "report", str(out),
+                                      "--format", "json"], capture_output=True, text=True,
+                                     timeout=120).stdout)
+    board = {row["trial"]: row for row in rows}
+    for r in recs:
+        run = out / "trials" / r["trial_id"] / "run"
+        result = json.loads((run / "result.json").read_text())
+        ot = optuna_trials[r["trial_id"]]
+        reported = result["epochs_run"]
+        # Every epoch's objective is in the study, whatever the pruner, and the leaderboard
+        # shows the same value as Optuna's: the last epoch's.
+        assert sorted(ot.intermediate_values) == list(range(1, reported + 1)), r["status"]
+        assert board[r["trial_id"]]["val_top1"] == round(ot.intermediate_values[reported], 4)
+        assert r["attempts"] == 1 and board[r["trial_id"]]["error"] == ""  # a full record
+        if r["status"] == "completed":
+            assert reported == SEARCH_EPOCHS and (run / "model.pt").is_file()
+            assert ot.state == State.COMPLETE
+            assert ot.value == pytest.approx(ot.intermediate_values[SEARCH_EPOCHS])
+        else:
+            # Stopped from inside, before its last epoch; its trainer ended and freed its
+            # workers, so the search went on (or ended) at once.
+            assert r["status"] == "pruned" and reported < SEARCH_EPOCHS
+            assert not (run / "model.pt").exists()
+            assert ot.state == State.PRUNED
+            later = [n for n in recs if n["started"] > r["started"]]
+            assert (later[0]["started"] if later else finished) - r["ended"] < 60
+    # best_config.yaml is the leaderboard's first row, the best by that value.
+    best = max((r for r in recs if r["status"] == "completed"),
+               key=lambda r: optuna_trials[r["trial_id"]].value)
+    assert rows[0]["trial"] == best["trial_id"]
+    assert f"Best trial {best['trial_id']}" in (out / "best_config.yaml").read_text()
