@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,10 @@ def is_finite_state(model: nn.Module, optimizer=None) -> bool:
     if optimizer is not None:
         for st in optimizer.state.values():
             tensors += [t for t in st.values() if torch.is_tensor(t) and t.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    if not tensors:
+        return True
+    # One flag per tensor, read back once (one device sync, not one per tensor).
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def previous_path(path: Path) -> Path:
@@ -131,16 +135,14 @@ def load_latest(path: Path) -> tuple[dict, Path]:
         return load_checkpoint(prev), prev
 
 
-def generations(path: Path) -> list[tuple[dict, Path]]:
-    """The readable generations at `path`, newest first."""
-    found = []
+def generations(path: Path) -> Iterator[tuple[dict, Path]]:
+    """The readable generations at `path`, newest first, each read only when asked for."""
     for p in (path, previous_path(path)):
         try:
-            found.append((load_checkpoint(p), p))
+            yield load_checkpoint(p), p
         except UserError as exc:
             if p.exists():
                 log.warning("%s", exc)
-    return found
 
 
 # Config fields that may change on resume without changing what is being trained.

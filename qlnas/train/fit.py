@@ -31,7 +31,7 @@ from qlnas.train.distributed import (
 from qlnas.train.engine import Parts, Progress, evaluate, train_one_epoch
 from qlnas.train.logs import TBLogger, hparam_values, write_metrics_csv, write_run_info
 from qlnas.train.run import RunFiles, check_resume, restore
-from qlnas.train.schedule import build_scheduler
+from qlnas.train.schedule import build_scheduler, train_resolution
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +233,7 @@ def _export_weights(config: TrainConfig, row: dict) -> str:
 
 
 def _validate_epoch(parts: Parts, val_loader) -> dict:
-    """Val metrics of the model (and of its EMA), with rank 0's BN statistics on every rank:
-    what is evaluated is what is saved."""
-    broadcast_buffers(parts.model, parts.dist)
+    """Val metrics of the model (its BN statistics already rank 0's) and of its EMA."""
     val = evaluate(parts.model, val_loader, parts)
     if parts.ema is not None:
         broadcast_buffers(parts.ema.module, parts.dist)
@@ -257,15 +255,10 @@ def _log_epoch(tb, row: dict, step: int) -> None:
 
 def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
           ) -> tuple[str, Progress]:
-    from qlnas.data import resolution_for_epoch
-
     dist = parts.dist
     while progress.epoch < config.epochs:
         epoch = progress.epoch
-        if config.min_resolution and config.ramp_epochs:
-            res = resolution_for_epoch(epoch, min_res=config.min_resolution,
-                                       max_res=config.resolution, end_ramp=config.ramp_epochs)
-            train_loader.set_resolution(res)
+        train_loader.set_resolution(train_resolution(config, epoch))  # a no-op when unchanged
         train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
         metrics = train_one_epoch(parts, train_loader, progress, config.max_steps_per_epoch, tb)
@@ -273,6 +266,9 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
             log.info("stop requested at step %d (epoch %d)", progress.step, epoch)
             return "pruned", progress
         nonfinite = metrics.pop("nonfinite")
+        # Rank 0's BN statistics on every rank: what is checked, evaluated and saved is one
+        # model.
+        broadcast_buffers(parts.model, dist)
         if not nonfinite and not _state_is_finite(parts):
             # Finite losses and gradients can still push a weight or a BN statistic past
             # float range; evaluating or saving that state would hide the divergence.
@@ -301,7 +297,6 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
                "epoch_time": time.perf_counter() - t0, "nan_events": progress.nan_events,
                "lr_scale": progress.lr_scale}
         progress.epoch, progress.batch = epoch + 1, 0
-        progress.epoch_loss_sum, progress.epoch_seen = 0.0, 0
         progress.history.append(row)
         weights = _export_weights(config, row)
         score = row["val_top1_ema"] if weights == "ema" else row["val_top1"]
@@ -326,8 +321,7 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
 
 
 def _state_is_finite(parts: Parts) -> bool:
-    """Every rank's verdict on its (buffer-synchronised) weights and optimizer state."""
-    broadcast_buffers(parts.model, parts.dist)
+    """Every rank's verdict on its weights and optimizer state."""
     bad = 0.0 if is_finite_state(parts.model, parts.optimizer) else 1.0
     return all_reduce_sum(torch.tensor([bad], dtype=torch.float64), parts.dist).item() == 0
 

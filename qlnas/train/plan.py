@@ -251,12 +251,9 @@ def _fit_memory(plan: Plan, parts, num_classes: int) -> None:
 
 
 def _resolutions(config: TrainConfig) -> list[int]:
-    from qlnas.data import resolution_for_epoch
+    from qlnas.train.schedule import train_resolution
 
-    if not (config.min_resolution and config.ramp_epochs):
-        return [config.resolution] * config.epochs
-    return [resolution_for_epoch(e, min_res=config.min_resolution, max_res=config.resolution,
-                                 end_ramp=config.ramp_epochs) for e in range(config.epochs)]
+    return [train_resolution(config, e) for e in range(config.epochs)]
 
 
 def _sync(device: torch.device) -> None:

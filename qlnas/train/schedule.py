@@ -64,3 +64,14 @@ def lr_curve(config, steps_per_epoch: int) -> list[float]:
     if not all(math.isfinite(v) for v in lrs):
         raise UserError("the learning-rate schedule is not finite; check lr, min_lr, warmup_lr")
     return lrs
+
+
+def train_resolution(config, epoch: int) -> int:
+    """The train resolution of `epoch` (progressive resizing when `min_resolution` and
+    `ramp_epochs` are set, else `resolution`)."""
+    if not (config.min_resolution and config.ramp_epochs):
+        return config.resolution
+    from qlnas.data import resolution_for_epoch
+
+    return resolution_for_epoch(epoch, min_res=config.min_resolution, max_res=config.resolution,
+                                end_ramp=config.ramp_epochs)
