@@ -1,10 +1,12 @@
-"""The class list stored beside each `.beton` file (`<beton>.classes.json`)."""
+"""The class list stored beside each `.beton` file (`<beton>.classes.json`), with what the
+writer converted on the way (FFCV files have no room for such metadata)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from qlnas.errors import UserError
 from qlnas.fileio import atomic_write_json
@@ -15,21 +17,38 @@ def classes_path(beton_path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(beton_path)}.classes.json")
 
 
-def write_classes(beton_path: str | os.PathLike, classes: list[str]) -> None:
-    """Store the class names in label order beside `beton_path`."""
-    atomic_write_json({"classes": list(classes)}, classes_path(beton_path))
+def write_classes(beton_path: str | os.PathLike, classes: list[str],
+                  conversions: dict[str, Any] | None = None) -> None:
+    """Store the class names in label order beside `beton_path`, and the writer's
+    `conversions` (`qlnas.data.folder.conversion_counts`) when given."""
+    data: dict[str, Any] = {"classes": list(classes)}
+    if conversions is not None:
+        data["conversions"] = conversions
+    atomic_write_json(data, classes_path(beton_path))
 
 
-def read_classes(beton_path: str | os.PathLike) -> list[str]:
-    """The class names of `beton_path` in label order; UserError when the list is missing."""
+def _read(beton_path: str | os.PathLike) -> tuple[Path, Any]:
     path = classes_path(beton_path)
     try:
-        data = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: class list not found (write the dataset with "
                         "'qlnas data write')") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+
+
+def read_conversions(beton_path: str | os.PathLike) -> dict[str, Any] | None:
+    """What the writer converted to RGB, rotated and re-encoded; None for files written before
+    it was recorded."""
+    _, data = _read(beton_path)
+    conversions = data.get("conversions") if isinstance(data, dict) else None
+    return conversions if isinstance(conversions, dict) else None
+
+
+def read_classes(beton_path: str | os.PathLike) -> list[str]:
+    """The class names of `beton_path` in label order; UserError when the list is missing."""
+    path, data = _read(beton_path)
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise UserError(f"{path}: field 'classes' must be a list of strings")

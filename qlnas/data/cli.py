@@ -9,8 +9,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="write, inspect or build FFCV datasets")
     cmds = p.add_subparsers(dest="data_command", required=True)
 
-    w = cmds.add_parser("write", help="ImageFolder tree (SRC/<class>/<image>) -> OUT.beton")
-    w.add_argument("src", help="folder with one sub-folder per class")
+    w = cmds.add_parser("write", help="ImageFolder tree (SRC/<class>/<image>), or a flat folder "
+                        "with --labels, -> OUT.beton")
+    w.add_argument("src", help="folder with one sub-folder per class (flat with --labels)")
     w.add_argument("out", help="the .beton file to write (class list goes to OUT.classes.json)")
     w.add_argument("--max-res", type=int, default=512, help="longest side kept (default 512)")
     w.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
@@ -22,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="smart mode: JPEG above this many raw bytes (default (max-res/2)^2*3)")
     w.add_argument("--subset", default=None,
                    help="class folder names: 'imagenet100' (built in) or a file, one a line")
+    w.add_argument("--labels", default=None, metavar="FILE",
+                   help="SRC is flat; FILE gives each image's class: LOC_val_solution.csv "
+                   "format or 'filename wnid' lines")
+    w.add_argument("--classes", default=None, metavar="FILE", dest="known_classes",
+                   help="with --labels: the classes labels may name, a .beton (its class list, "
+                   "e.g. the train file) or a file with a class name starting each line")
     w.add_argument("--limit-per-class", type=int, default=None, metavar="N",
                    help="at most N images per class (first in name order)")
     w.add_argument("--workers", type=int, default=None, help="processes (default: cores, <=8)")
@@ -41,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_write(args: argparse.Namespace) -> int:
+    from qlnas.data.info import format_conversions
     from qlnas.data.writer import write_beton
 
     result = write_beton(
@@ -48,8 +56,10 @@ def run_write(args: argparse.Namespace) -> int:
         write_mode=args.write_mode, compress_probability=args.compress_probability,
         smart_threshold=args.smart_threshold, subset=args.subset,
         limit_per_class=args.limit_per_class, workers=args.workers,
-        skip_corrupt=args.skip_corrupt, overwrite=args.overwrite)
+        skip_corrupt=args.skip_corrupt, overwrite=args.overwrite, labels=args.labels,
+        known_classes=args.known_classes)
     print(f"wrote {result.path}: {result.num_samples} images, {len(result.classes)} classes")
+    print(f"sources: {format_conversions(result.conversions)}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} corrupt image(s):")
         for path in result.skipped:

@@ -1,4 +1,5 @@
-"""Reading an ImageFolder tree (`<split>/<class>/<image>`): class selection and image loading."""
+"""Reading an ImageFolder tree (`<split>/<class>/<image>`): class selection and image loading
+(every image as upright RGB, with counts of what was converted)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import importlib.resources
 import io
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from qlnas.errors import UserError
 
@@ -46,6 +49,23 @@ def read_subset(spec: str) -> list[str]:
     return names
 
 
+def select_classes(present: list[str], subset: list[str] | None, where: str) -> list[str]:
+    """The sorted class names of the selection: all `present` ones, or the `--subset` ones
+    (each of which must be present)."""
+    if subset is None:
+        return sorted(present)
+    missing = sorted(set(subset) - set(present))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"{where}: class '{missing[0]}'{more} from --subset is not there")
+    return sorted(set(subset))
+
+
+def check_limit(limit_per_class: int | None) -> None:
+    if limit_per_class is not None and limit_per_class < 1:
+        raise UserError(f"--limit-per-class {limit_per_class}: expected a positive number")
+
+
 def scan_folder(src: str | os.PathLike, subset: list[str] | None = None,
                 limit_per_class: int | None = None) -> tuple[list[str], list[Sample]]:
     """The sorted class names and the samples of an ImageFolder tree."""
@@ -55,16 +75,8 @@ def scan_folder(src: str | os.PathLike, subset: list[str] | None = None,
     present = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not present:
         raise UserError(f"{src}: no class folders (expected <src>/<class>/<image>)")
-    if subset is None:
-        classes = present
-    else:
-        missing = sorted(set(subset) - set(present))
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise UserError(f"{src}: class '{missing[0]}'{more} from --subset is not there")
-        classes = sorted(set(subset))
-    if limit_per_class is not None and limit_per_class < 1:
-        raise UserError(f"--limit-per-class {limit_per_class}: expected a positive number")
+    classes = select_classes(present, subset, str(src))
+    check_limit(limit_per_class)
     samples = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (src / name).iterdir()
@@ -77,7 +89,7 @@ def scan_folder(src: str | os.PathLike, subset: list[str] | None = None,
 
 
 def load_rgb(path: str, max_res: int | None = None) -> np.ndarray:
-    """Decode an image file to an HxWx3 uint8 array.
+    """Decode an image file to an upright HxWx3 uint8 RGB array, whatever its mode or format.
 
     JPEGs are decoded at the smallest DCT scale whose size still reaches `max_res` (the writer
     then downsizes with area interpolation), which makes writing large photos much faster.
@@ -90,24 +102,46 @@ def load_rgb(path: str, max_res: int | None = None) -> np.ndarray:
             ratio = max_res / max(w, h)
             if ratio < 0.5:
                 img.draft("RGB", (max(1, int(w * ratio)), max(1, int(h * ratio))))
-        return np.asarray(img.convert("RGB"))
+        upright = ImageOps.exif_transpose(img)
+        return np.asarray(upright.convert("RGB"))
 
 
-def _check(path: str) -> str | None:
-    """None when `path` decodes, else the reason."""
+@dataclass(frozen=True)
+class Source:
+    """What an image file holds before `load_rgb` makes it RGB and upright."""
+
+    mode: str  # PIL's mode on disk: RGB, L, CMYK, P, RGBA, ...
+    format: str  # of the bytes, whatever the file name says: JPEG, PNG, GIF, ...
+    rotated: bool  # an EXIF orientation other than upright
+
+
+def _check(path: str) -> Source | str:
+    """What `path` holds when it decodes, else the reason it does not."""
     try:
         with Image.open(path) as img:
+            source = Source(img.mode, img.format or "unknown",
+                            img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9))
             if img.format == "JPEG":  # a 1/8 scale decode still reads all the entropy data
                 img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
             img.load()
-        return None
+        return source
     except Exception as exc:  # any failure to decode means a corrupt file
         return f"{type(exc).__name__}: {exc}"
 
 
+def conversion_counts(sources: list[Source]) -> dict[str, Any]:
+    """How many images `load_rgb` converts, and from what (stored with the dataset)."""
+    modes = Counter(s.mode for s in sources if s.mode != "RGB")
+    formats = Counter(s.format for s in sources if s.format != "JPEG")
+    return {"converted_to_rgb": dict(sorted(modes.items())),
+            "exif_rotated": sum(s.rotated for s in sources),
+            "non_jpeg_reencoded": dict(sorted(formats.items()))}
+
+
 def check_images(samples: list[Sample], workers: int,
-                 skip_corrupt: bool) -> tuple[list[Sample], list[str]]:
-    """The decodable samples and the skipped paths; UserError on the first bad one unless skipping.
+                 skip_corrupt: bool) -> tuple[list[Sample], list[str], dict[str, Any]]:
+    """The decodable samples, the skipped paths and their `conversion_counts`; UserError on the
+    first bad one unless skipping.
 
     FFCV's writer hangs when a worker dies, so every file is checked before writing starts.
     """
@@ -115,16 +149,17 @@ def check_images(samples: list[Sample], workers: int,
 
     paths = [s.path for s in samples]
     chunks = max(1, min(256, len(paths) // (8 * max(1, workers))))
-    good, skipped = [], []
+    good, skipped, sources = [], [], []
     with Pool(max(1, workers)) as pool:
         results = pool.imap(_check, paths, chunksize=chunks)
-        for sample, error in zip(samples, tqdm(results, total=len(paths), desc="checking",
-                                               unit="img", leave=False), strict=True):
-            if error is None:
+        for sample, result in zip(samples, tqdm(results, total=len(paths), desc="checking",
+                                                unit="img", leave=False), strict=True):
+            if isinstance(result, Source):
                 good.append(sample)
+                sources.append(result)
             elif skip_corrupt:
                 skipped.append(sample.path)
             else:
-                raise UserError(f"{sample.path}: cannot decode image ({error}); "
+                raise UserError(f"{sample.path}: cannot decode image ({result}); "
                                 "use --skip-corrupt to leave such files out")
-    return good, skipped
+    return good, skipped, conversion_counts(sources)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from ffcv.reader import Reader
 
-from qlnas.data.classes import classes_path, read_classes
+from qlnas.data.classes import classes_path, read_classes, read_conversions
 from qlnas.errors import UserError
 
 
@@ -27,6 +27,7 @@ def beton_info(path: str | os.PathLike) -> dict[str, Any]:
         "samples": int(reader.num_samples),
         "fields": {name: type(handler).__name__ for name, handler in reader.handlers.items()},
         "classes": read_classes(path) if classes_path(path).exists() else None,
+        "conversions": read_conversions(path) if classes_path(path).exists() else None,
     }
     meta = reader.metadata
     column = {name: f"f{i}" for i, name in enumerate(reader.handlers)}  # FFCV's field columns
@@ -72,4 +73,21 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"{side + ':':9} min {s['min']}, mean {s['mean']}, max {s['max']}")
         lines.append(f"jpeg:     {im['jpeg_fraction']:.0%} of images, "
                      f"{im['mean_bytes'] / 1024:.1f} KiB per sample on average")
+    lines.append("sources:  " + format_conversions(info.get("conversions")))
     return "\n".join(lines)
+
+
+def format_conversions(conversions: dict[str, Any] | None) -> str:
+    """'converted to RGB: 3 (CMYK 1, L 1, P 1); EXIF-rotated: 1; non-JPEG bytes re-encoded: 2
+    (GIF 1, PNG 1)', from `qlnas.data.folder.conversion_counts`."""
+    if conversions is None:
+        return "conversions not recorded (written by an older qlnas)"
+
+    def counted(by_kind: dict[str, int]) -> str:
+        total = sum(by_kind.values())
+        kinds = ", ".join(f"{kind} {n}" for kind, n in by_kind.items())
+        return f"{total} ({kinds})" if total else "0"
+
+    return (f"converted to RGB: {counted(conversions.get('converted_to_rgb', {}))}; "
+            f"EXIF-rotated: {conversions.get('exif_rotated', 0)}; "
+            f"non-JPEG bytes re-encoded: {counted(conversions.get('non_jpeg_reencoded', {}))}")

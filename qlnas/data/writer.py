@@ -1,4 +1,5 @@
-"""`.beton` writing: an ImageFolder tree -> FFCV file with `image` and `label` fields.
+"""`.beton` writing: an ImageFolder tree, or a flat folder with a label file, -> FFCV file with
+`image` and `label` fields. Every image is stored upright and RGB.
 
 JPEGs are written with a restart marker every few MCUs (`restart_interval`), which lets the
 scaled decoder (`qlnas.data.decoders`) cut the crop's region out of the entropy-coded data
@@ -12,6 +13,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,6 +23,7 @@ from ffcv.writer import DatasetWriter
 
 from qlnas.data.classes import write_classes
 from qlnas.data.folder import Sample, check_images, load_rgb, read_subset, scan_folder
+from qlnas.data.labels import read_known_classes, scan_labelled
 from qlnas.errors import UserError
 from qlnas.fileio import atomic_path
 
@@ -39,6 +42,7 @@ class WriteResult:
     classes: list[str]
     num_samples: int
     skipped: list[str] = field(default_factory=list)
+    conversions: dict[str, Any] = field(default_factory=dict)
 
 
 def restart_interval(width: int) -> int:
@@ -109,12 +113,16 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
                 smart_threshold: int | None = None, subset: str | list[str] | None = None,
                 limit_per_class: int | None = None, workers: int | None = None,
                 skip_corrupt: bool = False, overwrite: bool = False,
-                page_size: int = 8 << 20) -> WriteResult:
-    """Write the ImageFolder tree `src` to the FFCV file `out` and its class list beside it.
+                page_size: int = 8 << 20, labels: str | os.PathLike | None = None,
+                known_classes: str | os.PathLike | None = None) -> WriteResult:
+    """Write the ImageFolder tree `src` (or, with `labels`, the flat folder `src` that the label
+    file names) to the FFCV file `out` and its class list beside it.
 
-    Labels follow the sorted class names of the selection. The file appears under `out` only
-    when complete. `page_size` is FFCV's allocation unit (a power of two, at least 2 MiB);
-    `smart_threshold` (bytes, `smart` mode) defaults to a (max_res/2)^2 RGB image.
+    Labels follow the sorted class names of the selection; `known_classes` (a `.beton` or a
+    class list file, with `labels` only) is the list every label must come from, e.g. the
+    train file's. The file appears under `out` only when complete. `page_size` is FFCV's
+    allocation unit (a power of two, at least 2 MiB); `smart_threshold` (bytes, `smart` mode)
+    defaults to a (max_res/2)^2 RGB image.
     """
     out = Path(out)
     if write_mode not in WRITE_MODES:
@@ -130,8 +138,14 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
     if isinstance(subset, str):
         subset = read_subset(subset)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    classes, samples = scan_folder(src, subset, limit_per_class)
-    samples, skipped = check_images(samples, workers, skip_corrupt)
+    if labels is not None:
+        known = read_known_classes(known_classes) if known_classes is not None else None
+        classes, samples = scan_labelled(src, labels, subset, limit_per_class, known)
+    elif known_classes is not None:
+        raise UserError("--classes goes with --labels (class folders name their own classes)")
+    else:
+        classes, samples = scan_folder(src, subset, limit_per_class)
+    samples, skipped, conversions = check_images(samples, workers, skip_corrupt)
     if not samples:
         raise UserError(f"{src}: no decodable images")
     image_field = RGBImageField(
@@ -149,5 +163,5 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
         if dataset.failures.value:
             raise UserError(f"{src}: {dataset.failures.value} image(s) failed to decode while "
                             "writing (files changed during the write?)")
-        write_classes(out, classes)
-    return WriteResult(out, classes, len(samples), skipped)
+        write_classes(out, classes, conversions)
+    return WriteResult(out, classes, len(samples), skipped, conversions)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from ffcv.reader import Reader
 from PIL import Image
 
 
@@ -44,3 +46,21 @@ def make_tree(root: Path, counts: dict[str, int], size: tuple[int, int] = (48, 4
             img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
             img.save(root / name / f"{n:03d}.jpg", quality=95)
     return root
+
+
+def stored_images(path) -> list[tuple[int, np.ndarray]]:
+    """(label, decoded HxWx3 RGB image) per sample, straight from the file's bytes."""
+    reader = Reader(str(path))
+    raw = np.fromfile(str(path), np.uint8)
+    where = {int(s): (int(p), int(n)) for s, p, n in reader.alloc_table}
+    out = []
+    for k in range(reader.num_samples):
+        ptr, size = where[k]
+        bgr = cv2.imdecode(raw[ptr:ptr + size], cv2.IMREAD_COLOR)
+        out.append((int(reader.metadata["f1"][k]), bgr[..., ::-1]))
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / max(mse, 1e-12))

@@ -14,11 +14,7 @@ from qlnas.data.decoders import (
     imdecode_nb,
     parse_jpeg,
 )
-
-
-def psnr(a, b):
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+from tests.data.conftest import psnr
 
 
 def jpegs_of(path, count):

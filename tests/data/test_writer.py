@@ -4,34 +4,14 @@ import subprocess
 import sys
 import time
 
-import cv2
 import numpy as np
 import pytest
-from ffcv.reader import Reader
 from PIL import Image
 
 from qlnas.data import read_classes
 from qlnas.data.writer import write_beton
 from qlnas.errors import UserError
-from tests.data.conftest import make_tree
-
-
-def stored_images(path):
-    """(label, decoded HxWx3 image) per sample, straight from the file's bytes."""
-    reader = Reader(str(path))
-    raw = np.fromfile(str(path), np.uint8)
-    where = {int(s): (int(p), int(n)) for s, p, n in reader.alloc_table}
-    out = []
-    for k in range(reader.num_samples):
-        ptr, size = where[k]
-        bgr = cv2.imdecode(raw[ptr:ptr + size], cv2.IMREAD_COLOR)
-        out.append((int(reader.metadata["f1"][k]), bgr[..., ::-1]))
-    return out
-
-
-def psnr(a, b):
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+from tests.data.conftest import make_tree, psnr, stored_images
 
 
 def test_round_trip_keeps_labels_and_images(photo_tree, photo_beton):
