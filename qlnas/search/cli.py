@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    p.add_argument("--space", default=None,
+                   help="search space YAML (see search_spaces/); with --resume, optional: the "
+                        "search's own copy is used, and a given one must be the same space "
+                        "(search.num_trials may grow)")
     p.add_argument("--out", default=None, help="search folder (default runs/search-<space>)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out")
     p.add_argument("--address", default=None,
@@ -40,12 +43,15 @@ def resolve_space(space: str) -> str:
 def run_search_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from qlnas.errors import UserError
     from qlnas.search.run import run_search
     from qlnas.tables import format_rows
 
+    if args.space is None and not (args.resume and args.out):
+        raise UserError("--space is needed (or --resume --out DIR, which reads DIR/space.yaml)")
     out = Path(args.out or f"runs/search-{Path(args.space).stem}")
-    rows = run_search(resolve_space(args.space), out, resume=args.resume,
-                      address=args.address)
+    space = resolve_space(args.space) if args.space is not None else None
+    rows = run_search(space, out, resume=args.resume, address=args.address)
     print(format_rows(rows, "md"))
     print(f"\nleaderboard: {out / 'leaderboard.md'} (and .csv)")
     print(f"Pareto plot: {out / 'pareto.png'}")

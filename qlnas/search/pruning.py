@@ -17,27 +17,68 @@ trained all its epochs is never pruned: it is completed, exported and COMPLETE i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
+from pathlib import Path
 
 import optuna
 import ray
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from qlnas.search.report import objective_values
+from qlnas.fileio import atomic_write_json
+from qlnas.search.report import objective_values, read_history
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "qlnas"
 
 
+class StopRecords:
+    """The stop decisions of a search, one file per trial (``trials/<id>/stop.json``), so that
+    they survive a driver restart: a trial stopped before the crash stays stopped, and Optuna
+    is told PRUNED for it. `out` None: in memory only (unit tests)."""
+
+    def __init__(self, out: str | None = None) -> None:
+        self.out = Path(out) if out is not None else None
+        self._reasons: dict[str, str] = {}
+
+    def _path(self, trial_id: str) -> Path:
+        return self.out / "trials" / trial_id / "stop.json"
+
+    def post(self, trial_id: str, reason: str) -> None:
+        if trial_id in self._reasons:
+            return
+        self._reasons[trial_id] = reason
+        if self.out is not None:
+            atomic_write_json({"trial_id": trial_id, "reason": reason, "time": time.time()},
+                              self._path(trial_id))
+
+    def get(self, trial_id: str) -> str | None:
+        if trial_id not in self._reasons and self.out is not None:
+            path = self._path(trial_id)
+            if path.is_file():
+                self._reasons[trial_id] = json.loads(path.read_text())["reason"]
+        return self._reasons.get(trial_id)
+
+    def all(self) -> dict[str, str]:
+        if self.out is not None:
+            for path in self.out.glob("trials/*/stop.json"):
+                self.get(path.parent.name)
+        return dict(self._reasons)
+
+    def __getstate__(self) -> dict:
+        return {"out": self.out, "_reasons": {}}  # the files are the state
+
+
 @ray.remote(num_cpus=0)
 class StopBoard:
     """Trial id -> reason to stop ('pruned' or 'diverged'), posted by the scheduler."""
 
-    def __init__(self) -> None:
-        self._reasons: dict[str, str] = {}
+    def __init__(self, reasons: dict[str, str] | None = None) -> None:
+        self._reasons: dict[str, str] = dict(reasons or {})
 
     def post(self, trial_id: str, reason: str) -> None:
         self._reasons.setdefault(trial_id, reason)
@@ -49,9 +90,10 @@ class StopBoard:
         return dict(self._reasons)
 
 
-def create_board(name: str):
-    """The search's board (a named actor, so trial workers can find it)."""
-    return StopBoard.options(name=name, namespace=NAMESPACE, lifetime=None).remote()
+def create_board(name: str, reasons: dict[str, str] | None = None):
+    """The search's board (a named actor, so trial workers can find it), holding the decisions
+    already taken (`reasons`, from the stop records of a resumed search)."""
+    return StopBoard.options(name=name, namespace=NAMESPACE, lifetime=None).remote(reasons)
 
 
 class StopPoller:
@@ -136,10 +178,10 @@ class QLOptunaSearch(OptunaSearch):
     """
 
     def __init__(self, *args, pruner: optuna.pruners.BasePruner | None = None,
-                 max_epochs: int = 1, **kwargs):
+                 max_epochs: int = 1, stops: StopRecords | None = None, **kwargs):
         self._pruner = pruner  # read by _setup_study, which the base __init__ calls
         self.max_epochs = max_epochs
-        self.stopped: dict[str, str] = {}
+        self.stops = stops if stops is not None else StopRecords()
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode):
@@ -180,7 +222,7 @@ class QLOptunaSearch(OptunaSearch):
         if trained_all_epochs(result, self.max_epochs):
             values = objective_values(result, self.metrics)
             return (state.COMPLETE, values) if values is not None else (state.FAIL, None)
-        if result and (result.get("diverged") or trial_id in self.stopped):
+        if self.stops.get(trial_id) or (result and result.get("diverged")):
             return state.PRUNED, None
         return state.FAIL, None  # ended early, neither stopped nor diverged
 
@@ -192,8 +234,14 @@ class QLOptunaSearch(OptunaSearch):
         values = values if values is None or isinstance(self.metric, list) else values[0]
         try:
             self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
-        except (ValueError, RuntimeError) as exc:
-            log.warning("optuna: %s", exc)
+        except RuntimeError as exc:
+            # Optuna's GridSampler stops the study once every grid point is done: told already
+            # (the state is set before), and the grid is over.
+            if "Study.stop" not in str(exc):
+                raise
+            log.info("optuna: every point of the grid has been tried")
+        except ValueError as exc:  # e.g. told before a driver restart: keep the first word
+            log.warning("optuna: trial %s: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
 
 
@@ -203,13 +251,19 @@ class PruningScheduler(FIFOScheduler):
     Every epoch's objective goes to Optuna first, whatever the pruner. No trial is pruned at
     or after its last epoch (ASHA returns STOP at `max_t`, and an Optuna pruner may judge the
     last step): a trial that got there has trained all its epochs.
+
+    Tune does not checkpoint a scheduler: a resumed search starts from the one it was launched
+    with. So each trial added (restored ones included) has its epochs replayed from its
+    metrics.csv (`out`): ASHA's rungs and Optuna's intermediate values are rebuilt as they were,
+    and the stop decisions are read from the search's stop records.
     """
 
     def __init__(self, board_name: str, searcher: QLOptunaSearch, metrics: list[str],
                  modes: list[str], pruner: str, grace_epochs: int, reduction_factor: int,
-                 max_epochs: int) -> None:
+                 max_epochs: int, out: str | None = None) -> None:
         super().__init__()
         self.board_name, self.searcher = board_name, searcher
+        self.out = Path(out) if out is not None else None
         self.metrics = metrics
         self.pruner = pruner
         self.grace = grace_epochs
@@ -222,10 +276,10 @@ class PruningScheduler(FIFOScheduler):
                                       reduction_factor=reduction_factor, stop_last_trials=False)
 
     def _stop(self, trial, reason: str) -> None:
-        if trial.trial_id in self.searcher.stopped:
+        if self.searcher.stops.get(trial.trial_id):
             return
         log.info("trial %s: %s; stopping it from inside", trial.trial_id, reason)
-        self.searcher.stopped[trial.trial_id] = reason
+        self.searcher.stops.post(trial.trial_id, reason)
         # Looked up by name: a restored search pickles this scheduler, not the actor handle.
         try:
             ray.get_actor(self.board_name, namespace=NAMESPACE).post.remote(trial.trial_id,
@@ -256,6 +310,17 @@ class PruningScheduler(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         if self.asha is not None:
             self.asha.on_trial_add(tune_controller, trial)
+        for result in self._history(trial.trial_id):
+            epoch = int(result["epoch"])
+            self.searcher.report_and_ask(trial.trial_id, result, epoch)
+            if self.asha is not None:
+                self.asha.on_trial_result(tune_controller, trial, result)
+
+    def _history(self, trial_id: str) -> list[dict]:
+        """The epochs a trial reported before this driver started (its metrics.csv)."""
+        if self.out is None:
+            return []
+        return read_history(self.out / "trials" / trial_id / "run", typed=True)
 
     def on_trial_error(self, tune_controller, trial) -> None:
         if self.asha is not None:

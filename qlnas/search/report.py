@@ -37,12 +37,23 @@ def _label(trial: dict) -> str:
     return trial.get("model", "?")
 
 
-def _history(run_dir: Path) -> list[dict]:
+def read_history(run_dir: Path, typed: bool = False) -> list[dict]:
+    """A run's epochs from its metrics.csv (`typed`: numbers and booleans, not strings)."""
     path = run_dir / "metrics.csv"
     if not path.is_file():
         return []
     with path.open() as f:
-        return list(csv.DictReader(f))
+        rows = [row for row in csv.DictReader(f) if row.get("epoch")]
+    return [{k: _value(v) for k, v in row.items()} for row in rows] if typed else rows
+
+
+def _value(text: str) -> object:
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
 
 
 def objective_values(last: dict, metrics: list[str]) -> list[float] | None:
@@ -77,7 +88,8 @@ def collect(out: Path) -> list[dict]:
             log.warning("unreadable %s", path)
             continue
         objective = (trial.get("objectives") or [objective])[0]
-        history = _history(path.parent / "run")
+        source = trial.get("reused_from") or trial["trial_id"]  # a reused result: its source's
+        history = read_history(out / "trials" / source / "run")
         last = {**(history[-1] if history else {}), "params_m": trial.get("params_m"),
                 "gmacs": trial.get("gmacs")}
         top1 = objective_values(last, ["val_top1"])
@@ -86,6 +98,7 @@ def collect(out: Path) -> list[dict]:
         row = {
             "trial": trial["trial_id"], "model": _label(trial),
             "params_m": _round(trial.get("params_m")), "gmacs": _round(trial.get("gmacs")),
+            "gmacs_224": _round(trial.get("gmacs_224")),
             "val_top1": round(top1[0], 4) if top1 else None, "epochs": len(history),
             "status": trial["status"],
             "wall_s": round((trial.get("ended") or time.time()) - trial["started"], 1),
@@ -96,6 +109,7 @@ def collect(out: Path) -> list[dict]:
         if objective["metric"] not in row:
             row[objective["metric"]] = round(value[0], 4) if value else None
         row["error"] = (trial.get("error") or "").replace("|", "/")
+        row["reused_from"] = trial.get("reused_from") or ""  # the same config: not trained again
         sign = -1.0 if objective["mode"] == "max" else 1.0
         entries.append(((order.get(row["status"], 9), value is None,
                          sign * value[0] if value else 0.0), row))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
+import math
 import os
 from pathlib import Path
 
 from qlnas.errors import UserError
+from qlnas.fileio import atomic_write_json, atomic_write_text
 from qlnas.search.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -26,8 +30,10 @@ def _sampler(space: SearchSpace):
         return optuna.samplers.NSGAIISampler(seed=space.seed)
     # Random start-up trials first: TPE fitted on one or two points mostly repeats them.
     startup = min(10, max(2, space.num_trials // 2))
-    return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, constant_liar=True,
-                                      n_startup_trials=startup)
+    # group=True: the space is conditional (act_at only where act is not none, and the space's
+    # own conditions), so the multivariate model is fitted per group of co-occurring params.
+    return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, group=True,
+                                      constant_liar=True, n_startup_trials=startup)
 
 
 def _connect(address: str | None) -> None:
@@ -49,31 +55,27 @@ def _connect(address: str | None) -> None:
         log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
 
 
-def _max_concurrent(space: SearchSpace) -> int:
-    import ray
-
-    res = space.resources
-    total = ray.cluster_resources()
-    fits = [int(total.get("CPU", 0) // max(res.cpus_per_worker * res.workers_per_trial, 1e-9))]
-    if res.gpus_per_worker:
-        fits.append(int(total.get("GPU", 0) // (res.gpus_per_worker * res.workers_per_trial)))
-    n = max(1, min(fits))
-    if min(fits) < 1:
-        log.warning("the cluster has fewer resources than one trial needs (%s per worker x "
-                    "%d); trials wait for the autoscaler", res, res.workers_per_trial)
-    return min(n, res.max_concurrent_trials) if res.max_concurrent_trials else n
-
-
-def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
+def run_search(space_path: str | Path | None, out: str | Path, resume: bool = False,
                address: str | None = None) -> list[dict]:
-    """Run (or resume) the search of `space_path` into `out`; returns the leaderboard rows."""
-    space = load_space(space_path)
+    """Run (or resume) the search of `space_path` into `out`; returns the leaderboard rows.
+
+    The resolved space is stored in `out` (space.json, and the YAML as space.yaml); a resume
+    reads it (`space_path` None) or checks that `space_path` is the same space, where only
+    `search.num_trials` may grow.
+    """
     out = Path(out).resolve()
     tune_dir = out / TUNE_NAME
     if resume and not tune_dir.is_dir():
         raise UserError(f"--resume: {out} holds no search to resume")
     if not resume and tune_dir.exists():
         raise UserError(f"--out {out} already holds a search; pass --resume or another --out")
+    if space_path is None:
+        if not resume:
+            raise UserError("--space is needed for a new search")
+        space_path = out / SPACE_YAML
+    space = load_space(space_path)
+    if resume:
+        check_same_space(space, out)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard logs only
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not space.fixed.get("train_data"):
@@ -85,9 +87,11 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from qlnas.search.cluster import ClusterLimiter, check_feasible
     from qlnas.search.pruning import (
         PruningScheduler,
         QLOptunaSearch,
+        StopRecords,
         create_board,
         make_pruner,
     )
@@ -95,9 +99,12 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
     from qlnas.search.trial import TrialRecords, trial_driver
 
     _connect(address)
+    check_feasible(space.resources)
     out.mkdir(parents=True, exist_ok=True)
+    store_space(space, out)
     board_name = "qlnas-board-" + hashlib.sha1(str(out).encode()).hexdigest()[:12]
-    board = create_board(board_name)  # noqa: F841  (kept alive by this driver)
+    stops = StopRecords(str(out))
+    board = create_board(board_name, stops.all())  # noqa: F841  (kept alive by this driver)
     settings = {"space": space, "out": str(out), "board": board_name}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings),
                                     {"CPU": 0, "memory": 1})  # the driver only waits
@@ -115,14 +122,19 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
             mode=modes if space.multi_objective else modes[0],
             sampler=_sampler(space),
             pruner=make_pruner(pr.pruner, pr.grace_epochs, pr.reduction_factor, epochs),
-            max_epochs=epochs)
+            max_epochs=epochs, stops=stops)
         scheduler = PruningScheduler(board_name, searcher, metrics, modes, pr.pruner,
-                                     pr.grace_epochs, pr.reduction_factor, epochs)
+                                     pr.grace_epochs, pr.reduction_factor, epochs, out=str(out))
+        # The limit follows the cluster (see cluster.py); the budget is the limiter's, so that
+        # a resumed search may grow it (Tune would keep its own num_samples).
+        grid = math.prod(len(v) for v in space.grid().values()) \
+            if space.searcher == "grid" else None
+        limiter = ClusterLimiter(searcher, space.resources, space.num_trials,
+                                 str(out / SPACE_JSON), grid_size=grid)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=space.num_trials,
-                                        max_concurrent_trials=_max_concurrent(space)),
+            tune_config=tune.TuneConfig(search_alg=limiter, scheduler=scheduler,
+                                        num_samples=-1),
             run_config=tune.RunConfig(
                 name=TUNE_NAME, storage_path=str(out), verbose=1,
                 # A retried trial starts its trainable again; its run resumes from its last
@@ -137,6 +149,68 @@ def run_search(space_path: str | Path, out: str | Path, resume: bool = False,
     finally:
         ray.kill(board)
     return write_report(out)
+
+
+SPACE_JSON, SPACE_YAML = "space.json", "space.yaml"
+
+
+def resolved(space: SearchSpace) -> dict:
+    """The space as plain data, as a search runs it (its file's path left out)."""
+    data = dataclasses.asdict(space)
+    data.pop("path")
+    data["params"] = {p.pop("name"): p for p in data["params"]}
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+
+def store_space(space: SearchSpace, out: Path) -> None:
+    """The search's own copy of its space: resolved (space.json, with its hash) and as given
+    (space.yaml, which `--resume` without `--space` reads)."""
+    data = resolved(space)
+    digest = hashlib.sha256(json.dumps({k: v for k, v in data.items() if k != "num_trials"},
+                                       sort_keys=True).encode()).hexdigest()
+    atomic_write_json({**data, "sha256": digest}, out / SPACE_JSON)
+    source = Path(space.path).resolve()
+    if source != (out / SPACE_YAML).resolve():
+        atomic_write_text(source.read_text(), out / SPACE_YAML)
+
+
+def check_same_space(space: SearchSpace, out: Path) -> None:
+    """Refuse to resume with another space: one line naming the first difference."""
+    path = out / SPACE_JSON
+    if not path.is_file():
+        return  # a search from before spaces were stored
+    stored = json.loads(path.read_text())
+    stored.pop("sha256", None)
+    given = resolved(space)
+    if given["num_trials"] < stored["num_trials"]:
+        raise UserError(f"--resume: {space.path}: search.num_trials {given['num_trials']} is "
+                        f"below the search's {stored['num_trials']} (it may only grow)")
+    stored["num_trials"] = given["num_trials"]
+    where = _first_difference(stored, given, "")
+    if where is not None:
+        key, was, now = where
+        raise UserError(f"--resume: {space.path} is not the space of the search in {out} "
+                        f"({out / SPACE_YAML}): {key or '(top level)'} is {now!r} here but "
+                        f"{was!r} in the search; only search.num_trials may change")
+
+
+def _first_difference(a: object, b: object, key: str) -> tuple[str, object, object] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            name = f"{key}.{k}" if key else k
+            if k not in a or k not in b:
+                return name, a.get(k, "(absent)"), b.get(k, "(absent)")
+            found = _first_difference(a[k], b[k], name)
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _first_difference(x, y, f"{key}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (key, a, b)
 
 
 class _DefineByRun:

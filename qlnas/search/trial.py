@@ -15,6 +15,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from qlnas.errors import UserError
 from qlnas.fileio import atomic_write_json
+from qlnas.search.pruning import StopRecords
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def worker_loop(cfg: dict) -> None:
                     local_rank=ctx.get_local_rank(), local_world_size=ctx.get_local_world_size(),
                     device=device, owns_group=False)
     config = TrainConfig.from_dict(cfg["train"], source=f"trial {cfg['trial_id']}")
-    extra = {"params_m": cfg["params_m"], "gmacs": cfg["gmacs"]}
+    extra = cfg["facts"]
 
     should_stop = stop_poller(cfg["board"], cfg["trial_id"])
 
@@ -59,10 +60,14 @@ def trial_driver(params: dict, settings: dict) -> None:
     search folder and the stop board's name. ``trials/<id>/trial.json`` is written before
     anything can fail and again at the end with the status (and, for an errored trial, its
     error in one line); an error is raised again so that Tune and Optuna see it too.
+
+    Not trained: a trial stopped before a driver restart (it keeps its outcome), and one whose
+    configuration another trial of this search trains or has trained (its result is reused).
     """
     trial_id = ray.tune.get_context().get_trial_id()
     space = settings["space"]
-    out = Path(settings["out"]) / "trials" / trial_id
+    root = Path(settings["out"])
+    out = root / "trials" / trial_id
     previous = _previous_record(out)
     record = {"trial_id": trial_id, "params": params, "spec": None, "model": None,
               "params_m": None, "gmacs": None, "started": previous.get("started", time.time()),
@@ -72,15 +77,23 @@ def trial_driver(params: dict, settings: dict) -> None:
     status, error = "errored", None
     try:
         train_cfg = space.train_config(params, out=str(out / "run"))
-        spec, params_m, gmacs = _model_facts(train_cfg, space.resources.workers_per_trial)
-        record.update(spec=spec, model=train_cfg.model, params_m=params_m, gmacs=gmacs,
+        spec, facts = _model_facts(train_cfg, space.resources.workers_per_trial)
+        key = config_key(train_cfg)
+        record.update(spec=spec, model=train_cfg.model, **facts, config_key=key,
                       train_config=train_cfg.to_dict())
         atomic_write_json(record, out / "trial.json")
-        _build_trainer(train_cfg, trial_id, settings, params_m, gmacs).fit()
-        result_file = out / "run" / "result.json"
-        if not result_file.is_file():
-            raise RuntimeError(f"the trial's training ended without {result_file}")
-        status = json.loads(result_file.read_text())["status"]
+        stopped = StopRecords(str(root)).get(trial_id)
+        owner = _claim(root, key, trial_id)
+        if stopped:  # before a driver restart: it stays stopped
+            status = _run_status(out / "run") or stopped
+        elif owner != trial_id and (status := _reuse(root, owner, trial_id, facts)):
+            record["reused_from"] = owner
+        else:
+            _build_trainer(train_cfg, trial_id, settings, facts).fit()
+            status = _run_status(out / "run")
+            if status is None:
+                raise RuntimeError(f"the trial's training ended without {out / 'run'}"
+                                   "/result.json")
     except BaseException as exc:
         error = error_line(exc)
         raise
@@ -89,13 +102,71 @@ def trial_driver(params: dict, settings: dict) -> None:
         atomic_write_json(record, out / "trial.json")
 
 
-def _build_trainer(train_cfg, trial_id: str, settings: dict, params_m: float, gmacs: float):
+def config_key(train_cfg) -> str:
+    """Identifies a trial's training: its whole resolved config but the run folder."""
+    import hashlib
+
+    config = {k: v for k, v in train_cfg.to_dict().items() if k != "out"}
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _claim(root: Path, key: str, trial_id: str) -> str:
+    """The trial that trains configuration `key` in this search: the first to claim it."""
+    import os
+
+    path = root / "configs" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            return json.loads(path.read_text())["trial_id"]
+        except (OSError, ValueError, KeyError):
+            return trial_id  # a claim cut short by a crash: train it here
+    with os.fdopen(fd, "w") as f:
+        json.dump({"trial_id": trial_id}, f)
+    return trial_id
+
+
+REUSABLE = ("completed", "pruned", "diverged")
+
+
+def _reuse(root: Path, owner: str, trial_id: str, facts: dict) -> str | None:
+    """Wait for the trial that trains the same configuration; report its epochs as this
+    trial's (so Tune, the pruner and Optuna see them) and return its status. None when it
+    errored: this trial then trains the configuration itself."""
+    log.info("trial %s: the same configuration as trial %s; reusing its result", trial_id,
+             owner)
+    while True:
+        other = _previous_record(root / "trials" / owner)
+        if other.get("status") not in (None, "running"):
+            break
+        time.sleep(2)
+    if other["status"] not in REUSABLE:
+        atomic_write_json({"trial_id": trial_id}, root / "configs" / f"{other['config_key']}"
+                          ".json")
+        return None
+    from qlnas.search.report import read_history
+
+    if other["status"] != "completed":
+        StopRecords(str(root)).post(trial_id, other["status"])
+    for row in read_history(root / "trials" / owner / "run", typed=True):
+        ray.tune.report({**row, **facts, "reused_from": owner})
+    return other["status"]
+
+
+def _run_status(run: Path) -> str | None:
+    path = run / "result.json"
+    return json.loads(path.read_text())["status"] if path.is_file() else None
+
+
+def _build_trainer(train_cfg, trial_id: str, settings: dict, facts: dict):
     res = settings["space"].resources
     return ray.train.torch.TorchTrainer(
         worker_loop,
         train_loop_config={"train": train_cfg.to_dict(), "trial_id": trial_id,
                            "board": settings["board"], "cpus_per_worker": res.cpus_per_worker,
-                           "params_m": params_m, "gmacs": gmacs},
+                           "facts": facts},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}),
@@ -137,16 +208,18 @@ def _previous_record(out: Path) -> dict:
     return {}
 
 
-def _model_facts(train_cfg, world_size: int) -> tuple[dict | None, float, float]:
-    """Spec, parameters (M) and GMACs at 224 px of a trial's model (its config checked as
-    `fit` checks it, before any worker starts)."""
+def _model_facts(train_cfg, world_size: int) -> tuple[dict | None, dict]:
+    """Spec and facts (parameters in M, GMACs at the trial's resolution and at 224 px) of a
+    trial's model, its config checked as `fit` checks it, before any worker starts."""
     from qlnas.models.complexity import count_macs, count_params
     from qlnas.train.fit import validate
 
     *_, model = validate(train_cfg, world_size)
     spec = getattr(model, "spec", None)
-    return (spec.to_dict() if spec is not None else None, count_params(model) / 1e6,
-            count_macs(model, 224) / 1e9)
+    facts = {"params_m": count_params(model) / 1e6,
+             "gmacs": count_macs(model, train_cfg.resolution) / 1e9,
+             "gmacs_224": count_macs(model, 224) / 1e9}
+    return (spec.to_dict() if spec is not None else None), facts
 
 
 class TrialRecords(ray.tune.Callback):
