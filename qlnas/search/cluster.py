@@ -177,24 +177,12 @@ def trial_slots(resources) -> int:
 
 
 class ClusterLimiter(ConcurrencyLimiter):
-    """Tune's ConcurrencyLimiter with a limit that follows the cluster, and the search's trial
-    budget, which a resumed search reads again from its stored space (so it may grow)."""
+    """Tune's ConcurrencyLimiter with a limit that follows the cluster (read again each time
+    Tune asks for a trial; Tune's own limit is a number fixed at launch, and pickled)."""
 
-    def __init__(self, searcher: Searcher, resources, num_trials: int, space_file: str,
-                 grid_size: int | None = None) -> None:
+    def __init__(self, searcher: Searcher, resources) -> None:
         self.resources = resources
-        self.grid_size = grid_size
-        self.num_trials = self._budget(num_trials)
-        self.space_file = space_file
-        self.suggested = 0
         super().__init__(searcher, max_concurrent=self._limit())
-
-    def _budget(self, num_trials: int) -> int:
-        if self.grid_size is not None and num_trials > self.grid_size:
-            log.warning("search.num_trials %d is more than the %d points of the grid; the "
-                        "search ends with the grid", num_trials, self.grid_size)
-            return self.grid_size
-        return num_trials
 
     def _limit(self) -> int:
         cap = self.resources.max_concurrent_trials
@@ -202,23 +190,8 @@ class ClusterLimiter(ConcurrencyLimiter):
         return min(slots, cap) if cap else slots
 
     def suggest(self, trial_id: str):
-        if self.suggested >= self.num_trials:
-            return Searcher.FINISHED
         limit = self._limit()
         if limit != self.max_concurrent:
             log.info("trials at once: %d (was %d)", limit, self.max_concurrent)
             self.max_concurrent = limit
-        suggestion = super().suggest(trial_id)
-        if suggestion == Searcher.FINISHED:
-            log.info("the searcher has no configuration left (a grid done)")
-        elif suggestion is not None:
-            self.suggested += 1
-        return suggestion
-
-    def set_state(self, state: dict) -> None:
-        super().set_state(state)
-        try:
-            stored = json.loads(Path(self.space_file).read_text())
-            self.num_trials = self._budget(int(stored["num_trials"]))
-        except (OSError, ValueError, KeyError):
-            pass  # keeps the pickled budget
+        return super().suggest(trial_id)

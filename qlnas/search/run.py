@@ -87,6 +87,7 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from qlnas.search.budget import BudgetedSearch, trial_budget
     from qlnas.search.cluster import ClusterLimiter, check_feasible
     from qlnas.search.pruning import (
         PruningScheduler,
@@ -125,16 +126,15 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
             max_epochs=epochs, stops=stops)
         scheduler = PruningScheduler(board_name, searcher, metrics, modes, pr.pruner,
                                      pr.grace_epochs, pr.reduction_factor, epochs, out=str(out))
-        # The limit follows the cluster (see cluster.py); the budget is the limiter's, so that
-        # a resumed search may grow it (Tune would keep its own num_samples).
+        # The limit follows the cluster (cluster.py); the budget may grow on resume (budget.py).
         grid = math.prod(len(v) for v in space.grid().values()) \
             if space.searcher == "grid" else None
-        limiter = ClusterLimiter(searcher, space.resources, space.num_trials,
-                                 str(out / SPACE_JSON), grid_size=grid)
+        search_alg = BudgetedSearch(ClusterLimiter(searcher, space.resources),
+                                    str(out / SPACE_JSON), grid)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=limiter, scheduler=scheduler,
-                                        num_samples=-1),
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
+                                        num_samples=trial_budget(space.num_trials, grid)),
             run_config=tune.RunConfig(
                 name=TUNE_NAME, storage_path=str(out), verbose=1,
                 # A retried trial starts its trainable again; its run resumes from its last
@@ -186,6 +186,7 @@ def check_same_space(space: SearchSpace, out: Path) -> None:
         raise UserError(f"--resume: {space.path}: search.num_trials {given['num_trials']} is "
                         f"below the search's {stored['num_trials']} (it may only grow)")
     stored["num_trials"] = given["num_trials"]
+    stored["name"] = given["name"]  # a label (the file's name by default), not the search
     where = _first_difference(stored, given, "")
     if where is not None:
         key, was, now = where

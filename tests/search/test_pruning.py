@@ -102,6 +102,56 @@ def test_a_trial_that_errors_after_its_stop_is_failed(monkeypatch):
     assert frozen(searcher, "c").intermediate_values == {1: 0.1}
 
 
+def lr_space(trial) -> dict:
+    return {"lr": trial.suggest_float("lr", 0.1, 1.0)}
+
+
+def write_metrics(out: Path, trial_id: str, curve: list[float]) -> None:
+    """A trial's metrics.csv as fit writes it, one row per epoch."""
+    run = out / "trials" / trial_id / "run"
+    run.mkdir(parents=True)
+    rows = "".join(f"{e},{v},1.0\n" for e, v in enumerate(curve, 1))
+    (run / "metrics.csv").write_text("epoch,val_top1,train_loss\n" + rows)
+
+
+def test_a_restarted_driver_rebuilds_asha_and_keeps_the_stops(tmp_path, monkeypatch):
+    """Tune checkpoints the searcher but not the scheduler: after a driver restart, ASHA's rungs
+    come back from the trials' metrics.csv, and a stop decided before it holds."""
+    board = FakeBoard()
+    monkeypatch.setattr(pruning.ray, "get_actor", lambda name, namespace: board)
+
+    def scheduler_for(searcher):
+        return PruningScheduler("board", searcher, ["val_top1"], ["max"], "asha",
+                                grace_epochs=1, reduction_factor=3, max_epochs=EPOCHS,
+                                out=str(tmp_path))
+
+    searcher = QLOptunaSearch(
+        space=lr_space, metric="val_top1", mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0), max_epochs=EPOCHS,
+        stops=pruning.StopRecords(str(tmp_path)))
+    scheduler = scheduler_for(searcher)
+    curves = {"a": [0.5, 0.6, 0.8], "b": [0.6, 0.7, 0.9], "c": [0.1]}
+    for trial_id, curve in curves.items():
+        run_trial(searcher, scheduler, board, trial_id, curve)
+        write_metrics(tmp_path, trial_id, curve)
+    assert board.posts == {"c": "pruned"}
+    assert json.loads((tmp_path / "trials" / "c" / "stop.json").read_text())["reason"] \
+        == "pruned"
+    # The restart: the searcher from its checkpoint (a pickle, whose stop records are read
+    # from the files again), the scheduler as launched (empty), the trials added back.
+    restored = pickle.loads(pickle.dumps(searcher))
+    assert restored.stops.get("c") == "pruned"
+    scheduler = scheduler_for(restored)
+    for trial_id in curves:
+        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+    # A new poor trial meets the rung the others left: pruned (ASHA alone would not judge it).
+    board.posts.clear()
+    run_trial(restored, scheduler, board, "d", [0.2, 0.2, 0.2])
+    assert board.posts == {"d": "pruned"}
+    assert frozen(restored, "d").state == State.PRUNED
+    assert frozen(restored, "c").state == State.PRUNED
+
+
 # --- the poll of the stop board, on a real Ray --------------------------------------------
 
 

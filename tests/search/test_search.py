@@ -99,39 +99,124 @@ def test_search_with_a_diverging_trial(tmp_path):
     assert rep.returncode == 0 and len(json.loads(rep.stdout)) == 4
 
 
-def test_killed_driver_resumes_the_study(tmp_path):
-    space = write_space(tmp_path, epochs=2, forms="[eq3, eq4, eq6]", lrs="[0.2]", trials=3)
+RESUMED = "# test-only space: ASHA prunes lr 1e-5, the third of the grid (seed 5)\n" \
+    + FIXED.replace("{steps}", "12") + """\
+arch:
+  form: eq3
+  act: softball
+recipe:
+  lr: [0.3, 0.2, 1.0e-05, 0.25]
+search:
+  num_trials: {trials}
+  searcher: grid
+  seed: 5
+pruning:
+  pruner: asha
+  grace_epochs: 1
+resources:
+  workers_per_trial: 2
+  cpus_per_worker: 1
+"""
+
+
+def study_states(out: Path) -> dict:
+    """Tune trial id -> (Optuna state, intermediate values), from the search's checkpoint."""
+    paths = sorted((out / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    with paths[-1].open("rb") as f:
+        state = pickle.load(f)
+    storage = state["_ot_study"]._storage
+    return {tid: (storage.get_trial(t._trial_id).state.name,
+                  storage.get_trial(t._trial_id).intermediate_values)
+            for tid, t in state["_ot_trials"].items()}
+
+
+def test_a_killed_driver_resumes_with_its_stops_and_a_bigger_budget(tmp_path):
+    """Killed as ASHA stops a trial: after --resume that trial stays stopped (never trained
+    again, PRUNED in Optuna), the finished trials are untouched, and the budget grows."""
+    space = tmp_path / "space.yaml"
+    space.write_text(RESUMED.format(epochs=6, trials=3))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "qlnas.cli", "search", "--address", "local", "--space",
            str(space), "--out", str(out)]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    first = None
-    while time.time() < deadline and driver.poll() is None:
-        recs = trials(out) if (out / "trials").is_dir() else []
-        done = [r for r in recs if r["status"] == "completed"]
-        running = [r for r in recs if r["status"] == "running"]
-        if done and running and list((out / "trials" / running[0]["trial_id"] / "run"
-                                      / "checkpoints").glob("last.pt")):
-            first = done[0]
-            break
-        time.sleep(1)
-    assert first is not None, "the search did not get to a second trial"
-    time.sleep(3)
+    while time.time() < deadline and driver.poll() is None \
+            and not list(out.glob("trials/*/stop.json")):
+        time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    finished_metrics = (out / "trials" / first["trial_id"] / "run" / "metrics.csv").read_text()
+    stops = list(out.glob("trials/*/stop.json"))
+    assert len(stops) == 1, "no trial was stopped before the kill"
+    stop = stops[0]
     subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120,
                    env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+    stopped = stop.parent.name
+    before = {r["trial_id"]: r for r in trials(out)}
+    assert before[stopped]["params"]["lr"] == 1e-05
+    metrics = {t: (out / "trials" / t / "run" / "metrics.csv").read_text() for t in before
+               if (out / "trials" / t / "run" / "metrics.csv").is_file()}
+    space.write_text(RESUMED.format(epochs=6, trials=4))  # the budget may grow
     proc = search("--space", str(space), "--out", str(out), "--resume")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    records = trials(out)
-    assert len(records) == 3 and {r["status"] for r in records} == {"completed"}
-    again = next(r for r in records if r["trial_id"] == first["trial_id"])
-    assert again["started"] == first["started"] and again["ended"] == first["ended"]
-    assert (out / "trials" / first["trial_id"] / "run" / "metrics.csv").read_text() \
-        == finished_metrics
-    assert sorted(r["params"]["form"] for r in records) == ["eq3", "eq4", "eq6"]
+    records = {r["trial_id"]: r for r in trials(out)}
+    status = {r["params"]["lr"]: r["status"] for r in records.values()}
+    # The new trial meets ASHA's rungs as the first three left them: it may be pruned too.
+    assert status.pop(0.25) in ("completed", "pruned")
+    assert status == {0.3: "completed", 0.2: "completed", 1e-05: "pruned"}, status
+    for trial_id, text in metrics.items():  # no epoch trained again, none lost
+        if before[trial_id]["status"] != "running" or trial_id == stopped:
+            assert (out / "trials" / trial_id / "run" / "metrics.csv").read_text() == text
+    states = study_states(out)
+    told = {"completed": "COMPLETE", "pruned": "PRUNED"}
+    assert {t: s for t, (s, _) in states.items()} == {t: told[r["status"]]
+                                                      for t, r in records.items()}
+    for trial_id, (_, curve) in states.items():  # every epoch in the study, the replayed too
+        epochs = (out / "trials" / trial_id / "run" / "metrics.csv").read_text().count("\n") - 1
+        assert sorted(curve) == list(range(1, epochs + 1)), trial_id
+
+
+DUPLICATES = "# test-only space: act none makes act_at moot, so the grid's 2 points are 1 " \
+    "configuration\n" + FIXED.replace("{steps}", "6") + """\
+arch:
+  form: eq3
+  act: [none]
+  act_at: [ds, all]
+search:
+  num_trials: 2
+  searcher: grid
+resources:
+  workers_per_trial: 2
+  cpus_per_worker: 1
+"""
+
+
+def test_an_identical_configuration_is_trained_once(tmp_path):
+    """The second point of the grid is the first configuration again: its result is reused
+    (marked so on the leaderboard; Optuna told the same value), nothing trained twice; the
+    GMACs are counted at the trial's resolution, and at 224 px beside them."""
+    from qlnas.models.complexity import count_macs
+    from qlnas.train.config import TrainConfig
+    from qlnas.train.fit import validate
+
+    space = tmp_path / "space.yaml"
+    space.write_text(DUPLICATES.format(epochs=2))
+    out = tmp_path / "out"
+    proc = search("--space", str(space), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = sorted(trials(out), key=lambda r: r["started"])
+    assert {first["status"], second["status"]} == {"completed"}
+    assert second["reused_from"] == first["trial_id"] and "reused_from" not in first
+    assert not (out / "trials" / second["trial_id"] / "run").exists()  # nothing trained
+    with open(out / "leaderboard.csv") as f:
+        rows = {r["trial"]: r for r in csv.DictReader(f)}
+    assert rows[second["trial_id"]]["reused_from"] == first["trial_id"]
+    assert rows[second["trial_id"]]["val_top1"] == rows[first["trial_id"]]["val_top1"] != ""
+    states = study_states(out)
+    assert states[second["trial_id"]] == states[first["trial_id"]]
+    assert states[first["trial_id"]][0] == "COMPLETE"
+    *_, model = validate(TrainConfig.from_dict(first["train_config"]), 2)
+    assert first["gmacs"] == count_macs(model, 32) / 1e9 < first["gmacs_224"]
+    assert first["gmacs_224"] == count_macs(model, 224) / 1e9
 
 
 ERRORING = """\
