@@ -36,7 +36,9 @@ def run(space: dict, out: Path) -> dict:
     rows = run_search(path, out, address="local")  # one new local Ray for all the searches
     wall = time.perf_counter() - t0
     best = next((r for r in rows if r["status"] == "completed"), None)  # the leaderboard's top
-    return {"trials": len(rows), "trial_epochs": sum(r["epochs"] for r in rows),
+    return {"trials": len(rows),  # a reused result trained no epoch of its own
+            "trial_epochs": sum(r["epochs"] for r in rows if not r.get("reused_from")),
+            "reused": sum(bool(r.get("reused_from")) for r in rows),
             "statuses": {s: sum(r["status"] == s for r in rows) for s in OUTCOMES},
             "best_model": best["model"] if best else None,
             "best_recipe": best["recipe"] if best else None,
@@ -59,6 +61,7 @@ def table(results: dict[str, dict]) -> str:
     line("best val top-1 (last epoch)", lambda r: r["best_val_top1"])
     line("best model", lambda r: r["best_model"])
     line("best recipe", lambda r: r["best_recipe"] or "-")
+    line("reused (same config, not trained)", lambda r: r["reused"])
     line("completed/pruned/diverged/errored",
          lambda r: "/".join(str(r["statuses"][s]) for s in OUTCOMES))
     return "\n".join(lines)

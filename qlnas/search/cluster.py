@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,18 +181,27 @@ class ClusterLimiter(ConcurrencyLimiter):
     """Tune's ConcurrencyLimiter with a limit that follows the cluster (read again each time
     Tune asks for a trial; Tune's own limit is a number fixed at launch, and pickled)."""
 
+    REFRESH_S = 10.0  # Tune asks often; the cluster's shape changes in minutes
+
     def __init__(self, searcher: Searcher, resources) -> None:
         self.resources = resources
+        self._read_at = 0.0
         super().__init__(searcher, max_concurrent=self._limit())
 
     def _limit(self) -> int:
         cap = self.resources.max_concurrent_trials
         slots = trial_slots(self.resources)
+        self._read_at = time.monotonic()
         return min(slots, cap) if cap else slots
 
     def suggest(self, trial_id: str):
-        limit = self._limit()
-        if limit != self.max_concurrent:
-            log.info("trials at once: %d (was %d)", limit, self.max_concurrent)
-            self.max_concurrent = limit
+        if time.monotonic() - self._read_at > self.REFRESH_S:
+            limit = self._limit()
+            if limit != self.max_concurrent:
+                log.info("trials at once: %d (was %d)", limit, self.max_concurrent)
+                self.max_concurrent = limit
         return super().suggest(trial_id)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._read_at = 0.0  # a restored limit is another driver's: read the cluster again
