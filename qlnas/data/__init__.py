@@ -15,6 +15,7 @@ _EXPORTS = {
     "build_train_loader": "qlnas.data.loaders",
     "build_val_loader": "qlnas.data.loaders",
     "resolution_for_epoch": "qlnas.data.loaders",
+    "val_crop_pct": "qlnas.data.loaders",
     "ImageLoader": "qlnas.data.loaders",
     "write_beton": "qlnas.data.writer",
     "beton_info": "qlnas.data.info",

@@ -18,12 +18,7 @@ from dataclasses import replace
 
 import ffcv._libffcv
 import numpy as np
-from ffcv.fields.rgb_image import (
-    IMAGE_MODES,
-    SimpleRGBImageDecoder,
-    get_center_crop,
-    get_random_crop,
-)
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -220,13 +215,13 @@ def resize_region(src: np.ndarray, top: int, bottom: int, left: int, right: int,
 
 
 @njit(nogil=True)
-def decode_crop(data: np.ndarray, height: int, width: int, i: int, j: int, h: int, w: int,
-                pixels: np.ndarray, cut_jpeg: np.ndarray, seg_starts: np.ndarray,
-                destination: np.ndarray, cut_segments: bool) -> int:
-    """Decode rows i..i+h, columns j..j+w of the height x width JPEG `data`, resized into
-    `destination` (out_h x out_w x 3). `pixels`, `cut_jpeg`, `seg_starts` are scratch buffers.
-    Returns the DCT scale denominator used (for statistics)."""
-    d = coarsest_scale(h, w, destination.shape[0], destination.shape[1])
+def decode_region(data: np.ndarray, height: int, width: int, i: int, j: int, h: int, w: int,
+                  d: int, pixels: np.ndarray, cut_jpeg: np.ndarray, seg_starts: np.ndarray,
+                  cut_segments: bool) -> tuple[np.ndarray, int, int]:
+    """Decode at 1/d scale the MCU rows and restart segments of the height x width JPEG `data`
+    that cover rows i..i+h, columns j..j+w (the whole image when it cannot be cut). Returns the
+    decoded pixels (a view of the scratch buffer `pixels`) and the full-scale row and column of
+    their first pixel. `cut_jpeg` and `seg_starts` are scratch buffers too."""
     info = np.zeros(7, np.int64)
     region = np.zeros(4, np.int64)
     size = 0
@@ -242,7 +237,20 @@ def decode_crop(data: np.ndarray, height: int, width: int, i: int, j: int, h: in
         status = imdecode_nb(data, pixels, rh, rw, rh, rw, 0, 0, 1, d, False, False)
     sh = (rh + d - 1) // d
     sw = (rw + d - 1) // d
-    image = pixels[:3 * sh * sw].reshape(sh, sw, 3)
+    return pixels[:3 * sh * sw].reshape(sh, sw, 3), y0, x0
+
+
+@njit(nogil=True)
+def decode_crop(data: np.ndarray, height: int, width: int, i: int, j: int, h: int, w: int,
+                pixels: np.ndarray, cut_jpeg: np.ndarray, seg_starts: np.ndarray,
+                destination: np.ndarray, cut_segments: bool) -> int:
+    """Decode rows i..i+h, columns j..j+w of the height x width JPEG `data`, resized into
+    `destination` (out_h x out_w x 3). `pixels`, `cut_jpeg`, `seg_starts` are scratch buffers.
+    Returns the DCT scale denominator used (for statistics)."""
+    d = coarsest_scale(h, w, destination.shape[0], destination.shape[1])
+    image, y0, x0 = decode_region(data, height, width, i, j, h, w, d, pixels, cut_jpeg,
+                                  seg_starts, cut_segments)
+    sh, sw = image.shape[0], image.shape[1]
     top = min(sh - 1, np.int64(round((i - y0) / d)))
     left = min(sw - 1, np.int64(round((j - x0) / d)))
     bottom = max(top + 1, min(sh, np.int64(round((i + h - y0) / d))))
@@ -262,24 +270,28 @@ def decode_full(data: np.ndarray, height: int, width: int, i: int, j: int, h: in
 
 
 KERNELS = ("parse_jpeg", "find_segments", "cut_region", "coarsest_scale", "resize_region",
-           "decode_crop", "decode_full")
+           "decode_region", "decode_crop", "decode_full")
 
 
-def make_kernels() -> types.SimpleNamespace:
-    """A fresh set of the numba kernels above, one per compiled pipeline.
+def make_kernels(extra: tuple[Callable, ...] = ()) -> types.SimpleNamespace:
+    """A fresh set of the numba kernels above, and of the `extra` ones (kernels of another
+    module that call these), one per compiled pipeline.
 
     Numba drops a shared callee's compiled overloads when a caller that used them is freed
     (a KeyError in the next pipeline), so each pipeline gets its own dispatchers, as FFCV's
     own decoders do.
     """
     scope = dict(globals())
+    for kernel in extra:  # the names their module sees
+        scope.update((k, v) for k, v in kernel.py_func.__globals__.items() if k not in scope)
     scope["imdecode_nb"] = njit(nogil=True)(imdecode)
     scope["resize_crop_nb"] = njit(nogil=True)(resize_crop)
-    for name in KERNELS:
-        py = globals()[name].py_func
+    names = [*KERNELS, *(kernel.py_func.__name__ for kernel in extra)]
+    for name in names:
+        py = scope[name].py_func
         fresh = types.FunctionType(py.__code__, scope, name, py.__defaults__, py.__closure__)
         scope[name] = njit(nogil=True)(fresh)
-    return types.SimpleNamespace(**{name: scope[name] for name in KERNELS})
+    return types.SimpleNamespace(**{name: scope[name] for name in names})
 
 
 class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
@@ -369,15 +381,4 @@ class ScaledRandomResizedCropDecoder(ScaledResizedCropDecoder):
                  cut_segments: bool = True, seed: int = 0, flip: bool = False) -> None:
         super().__init__(output_size, max_jpeg_bytes, cut_segments, seed, flip)
         self.scale = scale
-        self.ratio = ratio
-
-
-class ScaledCenterCropDecoder(ScaledResizedCropDecoder):
-    """Centre crop of side `ratio` x the shorter side, decoded at reduced cost."""
-
-    get_crop = staticmethod(get_center_crop)
-
-    def __init__(self, output_size: tuple[int, int], ratio: float = 224 / 256,
-                 max_jpeg_bytes: int | None = None, cut_segments: bool = True) -> None:
-        super().__init__(output_size, max_jpeg_bytes, cut_segments)
         self.ratio = ratio

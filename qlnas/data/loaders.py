@@ -26,6 +26,7 @@ from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from qlnas.data.center_crop import DEFAULT_CROP_PCT, CenterCropDecoder
 from qlnas.data.decoders import ScaledRandomResizedCropDecoder
 from qlnas.errors import UserError
 
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-VAL_CROP_RATIO = 224 / 256
 DECODERS = ("scaled", "stock")
 
 
@@ -266,21 +266,41 @@ def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: 
 
 def build_val_loader(path: str | os.PathLike, *, batch_size: int, resolution: int,
                      device: str | torch.device = "cpu", distributed: bool = False,
-                     num_workers: int = 2) -> ImageLoader:
-    """Centre crop (ratio 224/256) and normalise `path` in file order, keeping the last batch.
+                     num_workers: int = 2, crop_pct: float = DEFAULT_CROP_PCT,
+                     decoder: str = "scaled") -> ImageLoader:
+    """timm's evaluation crop of `path` (shorter side resized to resolution / crop_pct, the
+    centre resolution x resolution kept), normalised, in file order, keeping the last batch.
 
-    With `distributed=True` each sample is read by exactly one rank, so ranks may differ by one
-    batch: sum metrics over ranks after the loop, and evaluate the unwrapped model (a DDP
-    forward could wait on a rank that has finished).
+    `crop_pct` is the model's (`val_crop_pct`). `decoder="scaled"` gives timm's pixels up to
+    JPEG-decoder noise, decoding only what the crop needs; `"stock"` is FFCV's centre crop
+    (ratio crop_pct of the shorter side, area interpolation). With `distributed=True` each
+    sample is read by exactly one rank, so ranks may differ by one batch: sum metrics over
+    ranks after the loop, and evaluate the unwrapped model (a DDP forward could wait on a rank
+    that has finished).
     """
     path = _check_file(path)
-    op = CenterCropRGBImageDecoder((int(resolution), int(resolution)), ratio=VAL_CROP_RATIO)
+    if decoder not in DECODERS:
+        raise UserError(f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise UserError(f"crop_pct={crop_pct}: expected 0 < crop_pct <= 1")
+    size = (int(resolution), int(resolution))
+    if decoder == "scaled":
+        op = CenterCropDecoder(size, crop_pct=crop_pct, max_jpeg_bytes=_max_sample_bytes(path))
+    else:
+        op = CenterCropRGBImageDecoder(size, ratio=crop_pct)
     rank, world = _rank_world(distributed)
     order = SeededOrder(_num_samples(path), shuffle=False, seed=0, rank=rank, world=world,
                         equal_shares=False)
     return _build(path, op, batch_size=batch_size, device=device, order=order,
                   num_workers=num_workers, drop_last=False, flip=False,
                   resolution=int(resolution), train=False)
+
+
+def val_crop_pct(model: torch.nn.Module) -> float:
+    """The model's evaluation crop_pct (its timm pretrained_cfg / default_cfg), else timm's
+    default 0.875."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)
 
 
 def _num_samples(path: str) -> int:

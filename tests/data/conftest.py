@@ -64,3 +64,13 @@ def stored_images(path) -> list[tuple[int, np.ndarray]]:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+
+
+def jpegs_of(path, count: int) -> list[tuple[np.ndarray, int, int]]:
+    """(JPEG bytes, height, width) of the first `count` samples, straight from the file."""
+    reader = Reader(str(path))
+    raw = np.fromfile(str(path), np.uint8)
+    meta = reader.metadata["f0"]
+    where = {int(s): (int(p), int(n)) for s, p, n in reader.alloc_table}
+    return [(raw[where[k][0]:where[k][0] + where[k][1]].copy(), int(meta["height"][k]),
+             int(meta["width"][k])) for k in range(count)]

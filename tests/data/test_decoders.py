@@ -3,7 +3,6 @@ import io
 import numpy as np
 import pytest
 from ffcv.fields.rgb_image import get_random_crop
-from ffcv.reader import Reader
 from PIL import Image
 
 from qlnas.data.decoders import (
@@ -14,16 +13,7 @@ from qlnas.data.decoders import (
     imdecode_nb,
     parse_jpeg,
 )
-from tests.data.conftest import psnr
-
-
-def jpegs_of(path, count):
-    reader = Reader(str(path))
-    raw = np.fromfile(str(path), np.uint8)
-    meta = reader.metadata["f0"]
-    where = {int(s): (int(p), int(n)) for s, p, n in reader.alloc_table}
-    return [(raw[where[k][0]:where[k][0] + where[k][1]].copy(), int(meta["height"][k]),
-             int(meta["width"][k])) for k in range(count)]
+from tests.data.conftest import jpegs_of, psnr
 
 
 def buffers(res, h=375, w=500):
