@@ -85,9 +85,12 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
     return train, val, num_classes, build_model(config, num_classes)
 
 
-def build_loaders(config: TrainConfig, dist: DistInfo, train_path: Path, val_path: Path):
-    """The train and val loaders of this process and the train steps per epoch."""
+def build_loaders(config: TrainConfig, dist: DistInfo, train_path: Path, val_path: Path,
+                  model: nn.Module | None = None):
+    """The train and val loaders of this process and the train steps per epoch (validation at
+    `model`'s crop_pct, timm's default without one)."""
     from qlnas.data import build_train_loader, build_val_loader
+    from qlnas.data.loaders import DEFAULT_CROP_PCT, val_crop_pct
 
     per_rank = config.batch_size // dist.world_size
     loader_kw = dict(device=dist.device, distributed=dist.distributed,
@@ -97,8 +100,9 @@ def build_loaders(config: TrainConfig, dist: DistInfo, train_path: Path, val_pat
                                       decoder=config.decoder,
                                       scale=(config.crop_scale_min, 1.0), flip=config.hflip,
                                       **loader_kw)
+    crop_pct = val_crop_pct(model) if model is not None else DEFAULT_CROP_PCT
     val_loader = build_val_loader(val_path, batch_size=per_rank, resolution=config.resolution,
-                                  **loader_kw)
+                                  crop_pct=crop_pct, **loader_kw)
     steps = len(train_loader) if not config.max_steps_per_epoch \
         else min(len(train_loader), config.max_steps_per_epoch)
     if steps == 0:
@@ -170,7 +174,7 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
         keep_freed_memory()  # a third faster element-wise ops (see qlnas.allocator)
     torch.manual_seed(config.seed)  # the model's initialisation, the same on every rank
     train_path, val_path, num_classes, model = validate(config, dist.world_size)
-    train_loader, val_loader, steps = build_loaders(config, dist, train_path, val_path)
+    train_loader, val_loader, steps = build_loaders(config, dist, train_path, val_path, model)
     parts = make_parts(config, model, dist, num_classes, steps)
     parts.should_stop = should_stop
     parts.progress_bar = progress_bar

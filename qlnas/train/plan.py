@@ -207,7 +207,7 @@ def dry_run(config: TrainConfig, nproc: int = 1, steps: int = 5,
                 out_holds_run=has_checkpoint(Path(config.out) / "checkpoints" / "last.pt"))
     _fit_memory(plan, parts, num_classes)
     train_loader, val_loader, _ = build_loaders(config.replace(batch_size=plan.timed_batch),
-                                                dist, train_path, val_path)
+                                                dist, train_path, val_path, parts.model)
     train_startup, plan.timed_steps, plan.img_per_sec = _time_train(parts, train_loader, steps,
                                                                     spe)
     val_startup, plan.val_img_per_sec = _time_val(parts, val_loader)
