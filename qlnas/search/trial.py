@@ -83,10 +83,10 @@ def trial_driver(params: dict, settings: dict) -> None:
                       train_config=train_cfg.to_dict())
         atomic_write_json(record, out / "trial.json")
         stopped = StopRecords(str(root)).get(trial_id)
-        owner = _claim(root, key, trial_id)
         if stopped:  # before a driver restart: it stays stopped
             status = _run_status(out / "run") or stopped
-        elif owner != trial_id and (status := _reuse(root, owner, trial_id, facts)):
+        elif (owner := _claim(root, key, trial_id)) != trial_id \
+                and (status := _reuse(root, key, owner, trial_id, facts)):
             record["reused_from"] = owner
         else:
             _build_trainer(train_cfg, trial_id, settings, facts).fit()
@@ -114,7 +114,7 @@ def _claim(root: Path, key: str, trial_id: str) -> str:
     """The trial that trains configuration `key` in this search: the first to claim it."""
     import os
 
-    path = root / "configs" / f"{key}.json"
+    path = _claim_path(root, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -128,10 +128,14 @@ def _claim(root: Path, key: str, trial_id: str) -> str:
     return trial_id
 
 
+def _claim_path(root: Path, key: str) -> Path:
+    return root / "configs" / f"{key}.json"
+
+
 REUSABLE = ("completed", "pruned", "diverged")
 
 
-def _reuse(root: Path, owner: str, trial_id: str, facts: dict) -> str | None:
+def _reuse(root: Path, key: str, owner: str, trial_id: str, facts: dict) -> str | None:
     """Wait for the trial that trains the same configuration; report its epochs as this
     trial's (so Tune, the pruner and Optuna see them) and return its status. None when it
     errored: this trial then trains the configuration itself."""
@@ -143,8 +147,7 @@ def _reuse(root: Path, owner: str, trial_id: str, facts: dict) -> str | None:
             break
         time.sleep(2)
     if other["status"] not in REUSABLE:
-        atomic_write_json({"trial_id": trial_id}, root / "configs" / f"{other['config_key']}"
-                          ".json")
+        atomic_write_json({"trial_id": trial_id}, _claim_path(root, key))  # it trains it now
         return None
     from qlnas.search.report import read_history
 
