@@ -120,9 +120,10 @@ resources:
 
 
 def study_states(out: Path) -> dict:
-    """Tune trial id -> (Optuna state, intermediate values), from the search's checkpoint."""
-    paths = sorted((out / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
-    with paths[-1].open("rb") as f:
+    """Tune trial id -> (Optuna state, intermediate values), from the search's checkpoint: the
+    newest session's by name, as Tune restores it (a resumed search copies the older sessions'
+    files again, so their mtimes say nothing)."""
+    with max((out / "tune").glob("searcher-state-*.pkl")).open("rb") as f:
         state = pickle.load(f)
     storage = state["_ot_study"]._storage
     return {tid: (storage.get_trial(t._trial_id).state.name,
