@@ -15,7 +15,7 @@ import pytest
 
 from qlnas.search import pruning
 from qlnas.search.pruning import PruningScheduler, QLOptunaSearch, make_pruner
-from tests.search.test_search import FIXED
+from tests.search.test_search import FIXED, study_trials
 
 State = optuna.trial.TrialState
 EPOCHS = 3  # of the unit tests
@@ -246,15 +246,6 @@ def search(address: str, *args, timeout=900):
 def records(out: Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in (out / "trials").glob("*/trial.json")),
                   key=lambda r: r["started"])
-
-
-def study_trials(out: Path) -> dict:
-    """Tune trial id -> the Optuna trial, from the search's own (checkpointed) study."""
-    paths = sorted((out / "tune").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
-    with paths[-1].open("rb") as f:
-        state = pickle.load(f)
-    storage = state["_ot_study"]._storage
-    return {tid: storage.get_trial(t._trial_id) for tid, t in state["_ot_trials"].items()}
 
 
 @pytest.mark.slow

@@ -119,16 +119,19 @@ resources:
 """
 
 
-def study_states(out: Path) -> dict:
-    """Tune trial id -> (Optuna state, intermediate values), from the search's checkpoint: the
-    newest session's by name, as Tune restores it (a resumed search copies the older sessions'
-    files again, so their mtimes say nothing)."""
+def study_trials(out: Path) -> dict:
+    """Tune trial id -> Optuna trial, from the search's checkpoint: the newest session's by
+    name, as Tune restores it (a resumed search copies the older sessions' files again, so
+    their mtimes say nothing)."""
     with max((out / "tune").glob("searcher-state-*.pkl")).open("rb") as f:
         state = pickle.load(f)
     storage = state["_ot_study"]._storage
-    return {tid: (storage.get_trial(t._trial_id).state.name,
-                  storage.get_trial(t._trial_id).intermediate_values)
-            for tid, t in state["_ot_trials"].items()}
+    return {tid: storage.get_trial(t._trial_id) for tid, t in state["_ot_trials"].items()}
+
+
+def study_states(out: Path) -> dict:
+    """Tune trial id -> (Optuna state, intermediate values)."""
+    return {tid: (t.state.name, t.intermediate_values) for tid, t in study_trials(out).items()}
 
 
 def test_a_killed_driver_resumes_with_its_stops_and_a_bigger_budget(tmp_path):
