@@ -121,7 +121,7 @@ def decode_center(data: np.ndarray, height: int, width: int, crop_pct: float,
                   pixels: np.ndarray, cut_jpeg: np.ndarray, seg_starts: np.ndarray,
                   destination: np.ndarray, cut_segments: bool, dct_scaling: bool) -> int:
     """timm's eval crop of the height x width JPEG `data` into `destination` (size x size x 3).
-    Returns the DCT scale denominator used."""
+    Returns the DCT scale denominator used, 0 for a damaged JPEG."""
     size = destination.shape[0]
     box = np.zeros(4)
     center_box(height, width, size, crop_pct, box)
@@ -133,8 +133,10 @@ def decode_center(data: np.ndarray, height: int, width: int, crop_pct: float,
     d = 1
     if dct_scaling:
         d = coarsest_scale(int(box[2] - box[0]), int(box[3] - box[1]), size, size)
-    image, y0, x0 = decode_region(data, height, width, i, j, h, w, d, pixels, cut_jpeg,
-                                  seg_starts, cut_segments)
+    image, y0, x0, status = decode_region(data, height, width, i, j, h, w, d, pixels, cut_jpeg,
+                                          seg_starts, cut_segments)
+    if status != 0:
+        return 0
     resample_box(image, (box[0] - y0) / d, (box[1] - x0) / d, (box[2] - y0) / d,
                  (box[3] - x0) / d, destination)
     return d
@@ -164,6 +166,9 @@ class CenterCropDecoder(ScaledResizedCropDecoder):
         decode_center_c, resample_c = kernels.decode_center, kernels.resample_box
         center_box_c = kernels.center_box
         crop_pct, cut_segments, dct_scaling = self.crop_pct, self.cut_segments, self.dct_scaling
+        mark_failed_c = kernels.mark_failed
+        failures = self.failure_flags()
+        flags_at, flags_size = failures.address, failures.size
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, pixels, cut_jpegs, seg_starts = my_storage
@@ -174,9 +179,11 @@ class CenterCropDecoder(ScaledResizedCropDecoder):
                 width = np.int64(field["width"])
                 out = destination[dst_ix]
                 if field["mode"] == jpg:
-                    decode_center_c(data, height, width, crop_pct, pixels[dst_ix],
-                                    cut_jpegs[dst_ix], seg_starts[dst_ix], out, cut_segments,
-                                    dct_scaling)
+                    if decode_center_c(data, height, width, crop_pct, pixels[dst_ix],
+                                       cut_jpegs[dst_ix], seg_starts[dst_ix], out, cut_segments,
+                                       dct_scaling) == 0:
+                        mark_failed_c(flags_at, flags_size, np.int64(batch_indices[dst_ix]))
+                        out[:] = 0
                 else:
                     box = np.zeros(4)
                     center_box_c(height, width, out.shape[0], crop_pct, box)

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = cmds.add_parser("info", help="samples, classes, fields and image sizes of a .beton")
     i.add_argument("file")
+    i.add_argument("--verify", action="store_true",
+                   help="decode every sample and list those that fail (exit 1 if any)")
+    i.add_argument("--workers", type=int, default=None, help="threads for --verify")
     i.set_defaults(func=run_info)
 
     d = cmds.add_parser("demo", help="build the embedded digits dataset (train/val .beton)")
@@ -71,7 +74,16 @@ def run_info(args: argparse.Namespace) -> int:
     from qlnas.data.info import beton_info, format_info
 
     print(format_info(beton_info(args.file)))
-    return 0
+    if not args.verify:
+        return 0
+    from qlnas.data.integrity import describe_samples, verify
+
+    bad = verify(args.file, args.workers)
+    for field, samples in bad.items():
+        print(f"verify:   {field}: {len(samples)} sample(s) fail to decode")
+        for sample in samples:
+            print(f"  {describe_samples(args.file, [sample])}")
+    return 1 if any(bad.values()) else 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

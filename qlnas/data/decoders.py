@@ -23,7 +23,10 @@ from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
+from llvmlite import ir
 from numba import njit
+from numba import types as nb_types
+from numba.extending import intrinsic
 
 SCALES = (8, 4, 2, 1)  # DCT scale denominators, coarsest first
 MIN_MCU = 16  # the segment table is sized for MCUs of at least 16x16 (4:2:0); else fallback
@@ -55,6 +58,8 @@ def parse_jpeg(data: np.ndarray, info: np.ndarray) -> bool:
             info[HEIGHT] = (np.int64(data[pos + 5]) << 8) | np.int64(data[pos + 6])
             info[WIDTH] = (np.int64(data[pos + 7]) << 8) | np.int64(data[pos + 8])
             ncomp = np.int64(data[pos + 9])
+            if pos + 10 + 3 * ncomp > n:
+                return False
             hmax = 1
             vmax = 1
             if ncomp > 1:
@@ -67,6 +72,8 @@ def parse_jpeg(data: np.ndarray, info: np.ndarray) -> bool:
         elif 0xC2 <= marker <= 0xCF and marker != 0xC4 and marker != 0xC8 and marker != 0xCC:
             return False  # progressive, lossless or arithmetic coding
         elif marker == 0xDD:
+            if pos + 6 > n:
+                return False
             info[INTERVAL] = (np.int64(data[pos + 4]) << 8) | np.int64(data[pos + 5])
         elif marker == 0xDA:
             info[DATA] = pos + 2 + length
@@ -217,11 +224,12 @@ def resize_region(src: np.ndarray, top: int, bottom: int, left: int, right: int,
 @njit(nogil=True)
 def decode_region(data: np.ndarray, height: int, width: int, i: int, j: int, h: int, w: int,
                   d: int, pixels: np.ndarray, cut_jpeg: np.ndarray, seg_starts: np.ndarray,
-                  cut_segments: bool) -> tuple[np.ndarray, int, int]:
+                  cut_segments: bool) -> tuple[np.ndarray, int, int, int]:
     """Decode at 1/d scale the MCU rows and restart segments of the height x width JPEG `data`
     that cover rows i..i+h, columns j..j+w (the whole image when it cannot be cut). Returns the
-    decoded pixels (a view of the scratch buffer `pixels`) and the full-scale row and column of
-    their first pixel. `cut_jpeg` and `seg_starts` are scratch buffers too."""
+    decoded pixels (a view of the scratch buffer `pixels`), the full-scale row and column of
+    their first pixel, and the decoder's status (0: decoded; else the JPEG is damaged and the
+    pixels are not an image). `cut_jpeg` and `seg_starts` are scratch buffers too."""
     info = np.zeros(7, np.int64)
     region = np.zeros(4, np.int64)
     size = 0
@@ -237,7 +245,7 @@ def decode_region(data: np.ndarray, height: int, width: int, i: int, j: int, h: 
         status = imdecode_nb(data, pixels, rh, rw, rh, rw, 0, 0, 1, d, False, False)
     sh = (rh + d - 1) // d
     sw = (rw + d - 1) // d
-    return pixels[:3 * sh * sw].reshape(sh, sw, 3), y0, x0
+    return pixels[:3 * sh * sw].reshape(sh, sw, 3), y0, x0, status
 
 
 @njit(nogil=True)
@@ -246,10 +254,13 @@ def decode_crop(data: np.ndarray, height: int, width: int, i: int, j: int, h: in
                 destination: np.ndarray, cut_segments: bool) -> int:
     """Decode rows i..i+h, columns j..j+w of the height x width JPEG `data`, resized into
     `destination` (out_h x out_w x 3). `pixels`, `cut_jpeg`, `seg_starts` are scratch buffers.
-    Returns the DCT scale denominator used (for statistics)."""
+    Returns the DCT scale denominator used (for statistics), 0 for a damaged JPEG (then
+    `destination` is left as it was)."""
     d = coarsest_scale(h, w, destination.shape[0], destination.shape[1])
-    image, y0, x0 = decode_region(data, height, width, i, j, h, w, d, pixels, cut_jpeg,
-                                  seg_starts, cut_segments)
+    image, y0, x0, status = decode_region(data, height, width, i, j, h, w, d, pixels, cut_jpeg,
+                                          seg_starts, cut_segments)
+    if status != 0:
+        return 0
     sh, sw = image.shape[0], image.shape[1]
     top = min(sh - 1, np.int64(round((i - y0) / d)))
     left = min(sw - 1, np.int64(round((j - x0) / d)))
@@ -269,8 +280,43 @@ def decode_full(data: np.ndarray, height: int, width: int, i: int, j: int, h: in
     return 1
 
 
+@intrinsic
+def _set_byte(typingctx, address, offset):
+    """Store 1 at address + offset: memory the compiled pipeline does not own (numba freezes an
+    array a pipeline captures into a read-only constant)."""
+    def codegen(context, builder, signature, args):
+        target = builder.inttoptr(builder.add(args[0], args[1]), ir.IntType(8).as_pointer())
+        builder.store(ir.Constant(ir.IntType(8), 1), target)
+        return context.get_dummy_value()
+    return nb_types.void(nb_types.int64, nb_types.int64), codegen
+
+
+@njit(nogil=True)
+def mark_failed(address: int, size: int, sample: int) -> None:
+    """Flag `sample` in a FailureFlags' memory (and its any-failure byte, the last)."""
+    _set_byte(np.int64(address), np.int64(sample))
+    _set_byte(np.int64(address), np.int64(size - 1))
+
+
+class FailureFlags:
+    """Which samples of a file failed to decode: one byte per sample, written by the decoding
+    threads, and one more set by any failure (so a batch's check costs one byte)."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.flags = np.zeros(num_samples + 1, np.uint8)
+        self.address = np.int64(self.flags.ctypes.data)
+        self.size = np.int64(len(self.flags))
+
+    def any(self) -> bool:
+        return bool(self.flags[-1])
+
+    def samples(self) -> np.ndarray:
+        """The indices (in the file) of the samples that failed."""
+        return np.flatnonzero(self.flags[:-1])
+
+
 KERNELS = ("parse_jpeg", "find_segments", "cut_region", "coarsest_scale", "resize_region",
-           "decode_region", "decode_crop", "decode_full")
+           "decode_region", "decode_crop", "decode_full", "mark_failed")
 
 
 def make_kernels(extra: tuple[Callable, ...] = ()) -> types.SimpleNamespace:
@@ -311,6 +357,14 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
         self.cut_segments = cut_segments
         self.scale: tuple[float, float] | float | None = None
         self.ratio: tuple[float, float] | float | None = None
+        self.failures: FailureFlags | None = None
+        """The samples whose JPEG failed to decode (their output is zeros), once compiled."""
+
+    def failure_flags(self) -> FailureFlags:
+        """This decoder's FailureFlags, made once per file (kept across recompilations)."""
+        if self.failures is None or self.failures.size != len(self.metadata) + 1:
+            self.failures = FailureFlags(len(self.metadata))
+        return self.failures
 
     get_crop: Callable
 
@@ -334,7 +388,10 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         resize_crop_c = Compiler.compile(resize_crop)
-        decode_crop = make_kernels().decode_crop
+        kernels = make_kernels()
+        decode_crop, mark_failed_c = kernels.decode_crop, kernels.mark_failed
+        failures = self.failure_flags()
+        flags_at, flags_size = failures.address, failures.size
         get_crop_c = Compiler.compile(type(self).get_crop)
         scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
         ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
@@ -357,8 +414,11 @@ class ScaledResizedCropDecoder(SimpleRGBImageDecoder):
                 width = np.int64(field["width"])
                 i, j, h, w = get_crop_c(height, width, scale, ratio)
                 if field["mode"] == jpg:
-                    decode_crop(data, height, width, i, j, h, w, pixels[dst_ix], cut_jpegs[dst_ix],
-                                seg_starts[dst_ix], destination[dst_ix], cut_segments)
+                    if decode_crop(data, height, width, i, j, h, w, pixels[dst_ix],
+                                   cut_jpegs[dst_ix], seg_starts[dst_ix], destination[dst_ix],
+                                   cut_segments) == 0:
+                        mark_failed_c(flags_at, flags_size, np.int64(batch_indices[dst_ix]))
+                        destination[dst_ix][:] = 0
                 else:
                     image = data.reshape(height, width, 3)
                     resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])

@@ -6,21 +6,15 @@ import os
 from typing import Any
 
 import numpy as np
-from ffcv.reader import Reader
 
 from qlnas.data.classes import classes_path, read_classes, read_conversions
-from qlnas.errors import UserError
+from qlnas.data.integrity import open_beton
 
 
 def beton_info(path: str | os.PathLike) -> dict[str, Any]:
     """A summary of the file (sizes in pixels and bytes)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: dataset file not found")
-    try:
-        reader = Reader(path)
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable FFCV file ({exc})") from None
+    reader = open_beton(path)
     info: dict[str, Any] = {
         "file": path,
         "bytes": os.path.getsize(path),

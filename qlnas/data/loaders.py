@@ -19,15 +19,16 @@ import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
+from ffcv.loader import OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
-from ffcv.reader import Reader
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from qlnas.data.center_crop import DEFAULT_CROP_PCT, CenterCropDecoder
 from qlnas.data.decoders import ScaledRandomResizedCropDecoder
+from qlnas.data.guard import GuardedLoader
+from qlnas.data.integrity import CorruptSamples, describe_samples, open_beton
 from qlnas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,23 @@ class ImageLoader:
 
     Images live in FFCV's rotating buffers and are overwritten a few batches later: use them
     (or `.clone()` them) before moving on. Labels are copies and can be kept.
+
+    A sample whose JPEG fails to decode stops the iteration with CorruptSamples naming it;
+    with `skip_corrupt` its row is left out of its batch instead (a batch of nothing else is
+    still an error) and it is counted in `skipped`. A loader thread that raises or dies ends
+    the iteration with LoaderFailed (guard.py), never a hang.
     """
 
-    def __init__(self, loader: Loader, order: SeededOrder, decoder: Any, resolution: int) -> None:
+    def __init__(self, loader: GuardedLoader, order: SeededOrder, decoder: Any, resolution: int,
+                 train: bool, skip_corrupt: bool = False) -> None:
         self._loader = loader
         self._decoder = decoder
         self._resolution = resolution
+        self._train = train
         self._stale = False
+        self.skip_corrupt = skip_corrupt
+        self.skipped: set[int] = set()
+        """Samples (indices in the file) left out because they failed to decode."""
         loader.traversal_order = order
         loader.first_traversal_order = order.sample_order(0)
         self.num_samples = len(loader.first_traversal_order)  # this rank's samples per epoch
@@ -110,12 +121,45 @@ class ImageLoader:
         if self._stale:  # a new output size: FFCV re-plans its buffers and recompiles
             self._loader.generate_code()
             self._stale = False
+        size = self._loader.batch_size
+        order = self._loader.traversal_order.sample_order(self._loader.next_epoch)
         batches = iter(self._loader)
+        failures = getattr(self._decoder, "failures", None)  # the scaled decoders report them
         try:
-            for images, labels in batches:
+            for k, (images, labels) in enumerate(batches):
+                if failures is not None and failures.any():
+                    indices = order[k * size:k * size + len(labels)].astype(np.int64)
+                    bad = failures.flags[indices] != 0
+                    if bad.any():
+                        images, labels = self._without(images, labels, indices, bad)
+                        if images is None:
+                            continue
                 yield images, labels.clone()
         finally:
             batches.close()
+
+    def _without(self, images, labels, indices, bad):
+        """The batch without its damaged samples (None when none is left and this is
+        evaluation); CorruptSamples unless skipping them."""
+        path = self._loader.reader.file_name
+        damaged = indices[bad]
+        if not self.skip_corrupt:
+            raise CorruptSamples(f"{path}: {describe_samples(path, damaged)} failed to decode "
+                                 "(the file is damaged: `qlnas data info --verify` lists every "
+                                 "bad sample); write it again, or pass --skip-corrupt to train "
+                                 "without them")
+        new = set(damaged.tolist()) - self.skipped
+        if new:
+            log.warning("%s: left out %s (failed to decode; %d so far)", path,
+                        describe_samples(path, new), len(self.skipped) + len(new))
+        self.skipped |= new
+        keep = torch.from_numpy(np.flatnonzero(~bad)).to(labels.device)
+        if len(keep) == 0:
+            if self._train:
+                raise CorruptSamples(f"{path}: every sample of a batch failed to decode "
+                                     f"({describe_samples(path, damaged)})")
+            return None, None
+        return images.index_select(0, keep), labels.index_select(0, keep)
 
     @property
     def batch_size(self) -> int:
@@ -136,7 +180,7 @@ class ImageLoader:
 
     def set_resolution(self, resolution: int) -> None:
         """Output size (pixels per side) from the next iteration on; train loaders only."""
-        if self._decoder is None:
+        if not self._train:
             raise TypeError("set_resolution is for train loaders (val decodes a fixed size)")
         resolution = int(resolution)
         if resolution != self._resolution:
@@ -166,9 +210,9 @@ def _rank_world(distributed: bool) -> tuple[int, int]:
 
 
 def _check_file(path: str | os.PathLike) -> str:
+    """`path` once its structure is whole (one DamagedFile line otherwise)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: dataset file not found")
+    open_beton(path)
     return path
 
 
@@ -219,7 +263,7 @@ def _check_device(device: str | torch.device) -> torch.device:
 
 def _build(path: str, decoder: Operation, *, batch_size: int, device: str | torch.device,
            order: SeededOrder, num_workers: int, drop_last: bool, flip: bool,
-           resolution: int, train: bool) -> ImageLoader:
+           resolution: int, train: bool, skip_corrupt: bool) -> ImageLoader:
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}: expected at least 1 image per batch")
     num_workers = _loader_threads(num_workers)
@@ -228,17 +272,17 @@ def _build(path: str, decoder: Operation, *, batch_size: int, device: str | torc
     image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True),
               NormalizeOnDevice()]
     label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
-    loader = Loader(path, batch_size=batch_size, num_workers=num_workers, os_cache=True,
-                    order=OrderOption.SEQUENTIAL, drop_last=drop_last,
-                    pipelines={"image": image, "label": label})
-    return ImageLoader(loader, order, decoder if train else None, resolution)
+    loader = GuardedLoader(path, batch_size=batch_size, num_workers=num_workers, os_cache=True,
+                           order=OrderOption.SEQUENTIAL, drop_last=drop_last,
+                           pipelines={"image": image, "label": label})
+    return ImageLoader(loader, order, decoder, resolution, train, skip_corrupt)
 
 
 def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: int,
                        device: str | torch.device = "cpu", distributed: bool = False,
                        seed: int = 0, num_workers: int = 2, decoder: str = "scaled",
                        drop_last: bool = True, scale: tuple[float, float] = (0.08, 1.0),
-                       flip: bool = True) -> ImageLoader:
+                       flip: bool = True, skip_corrupt: bool = False) -> ImageLoader:
     """Random-resized-crop, flip and normalise `path` into shuffled training batches.
 
     `decoder="scaled"` (default) decodes each JPEG only as far as the crop needs, with crops
@@ -261,13 +305,13 @@ def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: 
     return _build(path, op, batch_size=batch_size, device=device, order=order,
                   num_workers=num_workers, drop_last=drop_last,
                   flip=flip and decoder == "stock",  # ours flips inside the decoder
-                  resolution=int(resolution), train=True)
+                  resolution=int(resolution), train=True, skip_corrupt=skip_corrupt)
 
 
 def build_val_loader(path: str | os.PathLike, *, batch_size: int, resolution: int,
                      device: str | torch.device = "cpu", distributed: bool = False,
                      num_workers: int = 2, crop_pct: float = DEFAULT_CROP_PCT,
-                     decoder: str = "scaled") -> ImageLoader:
+                     decoder: str = "scaled", skip_corrupt: bool = False) -> ImageLoader:
     """timm's evaluation crop of `path` (shorter side resized to resolution / crop_pct, the
     centre resolution x resolution kept), normalised, in file order, keeping the last batch.
 
@@ -293,7 +337,7 @@ def build_val_loader(path: str | os.PathLike, *, batch_size: int, resolution: in
                         equal_shares=False)
     return _build(path, op, batch_size=batch_size, device=device, order=order,
                   num_workers=num_workers, drop_last=False, flip=False,
-                  resolution=int(resolution), train=False)
+                  resolution=int(resolution), train=False, skip_corrupt=skip_corrupt)
 
 
 def val_crop_pct(model: torch.nn.Module) -> float:
@@ -304,9 +348,9 @@ def val_crop_pct(model: torch.nn.Module) -> float:
 
 
 def _num_samples(path: str) -> int:
-    return int(Reader(path).num_samples)
+    return int(open_beton(path).num_samples)
 
 
 def _max_sample_bytes(path: str) -> int:
     """The largest allocation in the file: a bound on any one sample's JPEG size."""
-    return int(Reader(path).alloc_table["size"].max())
+    return int(open_beton(path).alloc_table["size"].max())

@@ -148,7 +148,8 @@ def generations(path: Path) -> Iterator[tuple[dict, Path]]:
 # Config fields that may change on resume without changing what is being trained.
 # A longer or shorter `epochs` re-plans the LR schedule over the new length from the current
 # step (see qlnas.train.schedule).
-RESUMABLE_CHANGES = {"out", "workers", "checkpoint_steps", "epochs", "decoder", "export"}
+RESUMABLE_CHANGES = {"out", "workers", "checkpoint_steps", "epochs", "decoder", "export",
+                     "skip_corrupt"}
 
 
 def check_compatible(ckpt: dict, config: dict, world_size: int, path: Path,

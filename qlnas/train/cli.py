@@ -61,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="build the run, time STEPS training steps (default 5) in this process "
                         "and print the plan (steps, LR per epoch, img/s, time, memory); writes "
                         "only OUT/lr_schedule.png")
-    p.set_defaults(func=run)
+    # A finished run's process ends without the interpreter's teardown (qlnas.cli.entry).
+    p.set_defaults(func=run, end_process=True)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -93,23 +94,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result['status']}: {result['epochs_run']} epochs, val top1 "
               f"{result.get('val_top1', 0.0):.4f} (best {result['best_top1']:.4f}), "
               f"run in {result['out']}")
-    code = EXIT_CODES[result["status"]]
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        exit_rank(code)
-    return code
-
-
-def exit_rank(code: int) -> typing.NoReturn:
-    """End a DDP rank whose run is written and whose process group is destroyed, without the
-    interpreter's teardown: there, a native thread still running (gloo's, a decoder pool's)
-    can abort the process ("terminate called without an active exception", seen once in CI on
-    a finished 2-process run), and the job would fail after its work was done."""
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return EXIT_CODES[result["status"]]
 
 
 def dry_run(config, nproc: int, steps: int) -> int:

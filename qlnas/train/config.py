@@ -106,6 +106,9 @@ class TrainConfig:
     """Random horizontal flips (off for digits, whose mirror images are not digits)."""
     decoder: str = "scaled"
     """Train JPEG decoder: scaled (ours, decodes at the smallest DCT scale) or stock FFCV."""
+    skip_corrupt: bool = False
+    """Leave samples that fail to decode out of their batch, counted in the log, TensorBoard
+    (data/skipped_samples) and result.json, instead of stopping the run with their names."""
     workers: int = 2
     """Loader threads per process."""
     seed: int = 0

@@ -41,6 +41,8 @@ class Progress:
     """fp16 steps the GradScaler skipped (gradients overflowed), in total."""
     overflow_streak: int = 0
     """Consecutive skipped steps up to now (divergence past `max_overflow_steps`)."""
+    skipped_samples: list = field(default_factory=list)
+    """[split, index in the file] of the samples left out so far (`skip_corrupt`)."""
 
 
 @dataclass

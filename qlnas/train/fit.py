@@ -25,6 +25,7 @@ from qlnas.train.distributed import (
     all_reduce_sum,
     broadcast_buffers,
     broadcast_object,
+    gather_objects,
     setup_distributed,
     teardown_distributed,
 )
@@ -73,6 +74,7 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
     Returns the data files, the class count and the model (built from the current RNG state).
     """
     from qlnas.data import read_classes
+    from qlnas.data.integrity import open_beton
 
     if config.sync_bn and not torch.cuda.is_available():
         raise UserError("sync_bn=True needs CUDA (torch's SyncBatchNorm runs on GPUs); on CPU "
@@ -81,6 +83,8 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
         raise UserError(f"batch_size={config.batch_size} is not divisible by the "
                         f"{world_size} processes")
     train, val = resolve_data(config)
+    for path in (train, val):
+        open_beton(path)  # a damaged file: one line, before any process starts
     num_classes = len(read_classes(train))
     return train, val, num_classes, build_model(config, num_classes)
 
@@ -94,7 +98,7 @@ def build_loaders(config: TrainConfig, dist: DistInfo, train_path: Path, val_pat
 
     per_rank = config.batch_size // dist.world_size
     loader_kw = dict(device=dist.device, distributed=dist.distributed,
-                     num_workers=config.workers)
+                     num_workers=config.workers, skip_corrupt=config.skip_corrupt)
     train_loader = build_train_loader(train_path, batch_size=per_rank,
                                       resolution=config.resolution, seed=config.seed,
                                       decoder=config.decoder,
@@ -221,6 +225,7 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
     result.update(status=status, epochs_run=progress.epoch, steps=progress.step,
                   nan_events=progress.nan_events, rollbacks=progress.rollbacks,
                   overflows=progress.overflows, best_top1=max(progress.best_top1, 0.0),
+                  skipped_samples=len(progress.skipped_samples),
                   exported=weights if status == "completed" else None, out=str(run.out))
     if dist.is_primary:
         atomic_write_json(result, run.out / "result.json")
@@ -250,6 +255,8 @@ def _log_epoch(tb, row: dict, step: int) -> None:
     values = {"val/top1": row["val_top1"], "val/top5": row["val_top5"],
               "val/loss": row["val_loss"], "train/img_per_sec": row["img_per_sec"],
               "train/epoch_loss": row["train_loss"], "events/nan": row["nan_events"]}
+    if "skipped_samples" in row:
+        values["data/skipped_samples"] = row["skipped_samples"]
     if "val_top1_ema" in row:
         values.update({"val_ema/top1": row["val_top1_ema"], "val_ema/top5": row["val_top5_ema"],
                        "val_ema/loss": row["val_loss_ema"]})
@@ -300,6 +307,9 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
         row = {"epoch": epoch + 1, "step": progress.step, **metrics, **val,
                "epoch_time": time.perf_counter() - t0, "nan_events": progress.nan_events,
                "lr_scale": progress.lr_scale}
+        if config.skip_corrupt:
+            progress.skipped_samples = _skipped(progress, train_loader, val_loader, dist)
+            row["skipped_samples"] = len(progress.skipped_samples)
         progress.epoch, progress.batch = epoch + 1, 0
         progress.history.append(row)
         weights = _export_weights(config, row)
@@ -322,6 +332,16 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
         if parts.should_stop is not None and _stop_requested(parts.should_stop, dist):
             return "pruned", progress
     return "completed", progress
+
+
+def _skipped(progress: Progress, train_loader, val_loader, dist: DistInfo) -> list:
+    """[split, index] of every sample left out so far, over all ranks and epochs (the same on
+    every rank)."""
+    mine = {tuple(s) for s in progress.skipped_samples}
+    mine |= {("train", i) for i in train_loader.skipped} | {("val", i) for i in val_loader.skipped}
+    every = gather_objects(mine, dist)
+    union = sorted(set().union(*every)) if every is not None else None
+    return [list(s) for s in broadcast_object(union, dist)]
 
 
 def _state_is_finite(parts: Parts) -> bool:
