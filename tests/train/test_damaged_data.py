@@ -29,11 +29,12 @@ def error_lines(proc) -> list[str]:
             if "qlnas: error:" in line]
 
 
-@pytest.mark.parametrize("where", ["header", "truncated"])
-def test_a_damaged_file_stops_before_any_process_starts(demo, tmp_path, where):
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("where", ["header", "end", "truncated"])
+def test_a_damaged_file_stops_before_any_process_starts(demo, tmp_path, where, nproc):
     bad = damaged_copy(demo[0], tmp_path / "train.beton", where)
     out = tmp_path / "run"
-    proc = qlnas_train(out, "--train", str(bad), "--val", str(demo[1]), *ARGS, nproc=2)
+    proc = qlnas_train(out, "--train", str(bad), "--val", str(demo[1]), *ARGS, nproc=nproc)
     assert proc.returncode == 2, proc.stderr[-2000:]
     [line] = error_lines(proc)
     assert line.startswith(f"qlnas: error: {bad}: damaged or not an FFCV file")
