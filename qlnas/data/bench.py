@@ -35,13 +35,15 @@ def _photo(name: str) -> np.ndarray:
 
 
 def make_jpegs(root: str | os.PathLike, count: int = 2000, quality: int = 90,
-               seed: int = 0) -> Path:
-    """An ImageFolder tree of `count` 500x375 JPEGs: random crops of scikit-image's photos,
-    one class per photo. Reused when already complete."""
+               seed: int = 0, size: tuple[int, int] = SIZE, grain: float = 0.0) -> Path:
+    """An ImageFolder tree of `count` JPEGs of `size` (500x375 by default): random crops of
+    scikit-image's photos, one class per photo, with Gaussian `grain` (sensor noise, so that
+    photos upscaled past their resolution are not unnaturally smooth). Reused when complete."""
     from PIL import Image
 
     root = Path(root)
-    stamp = root / f".complete-{count}-{quality}-{seed}"
+    shape = "" if size == SIZE and not grain else f"-{size[0]}x{size[1]}-{grain:g}"
+    stamp = root / f".complete-{count}-{quality}-{seed}{shape}"
     if stamp.exists():
         return root
     rng = np.random.default_rng(seed)
@@ -60,9 +62,12 @@ def make_jpegs(root: str | os.PathLike, count: int = 2000, quality: int = 90,
         cw = min(w, int(frac * min(w, h * 4 / 3)))
         ch = min(h, int(cw * 3 / 4))
         x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-        out = img.crop((x, y, x + cw, y + ch)).resize(SIZE, Image.Resampling.BILINEAR)
+        out = img.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BILINEAR)
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if grain:
+            noisy = np.asarray(out, np.float32) + rng.normal(0, grain, (size[1], size[0], 3))
+            out = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         out.save(folder / f"{n:05d}.jpg", quality=quality)

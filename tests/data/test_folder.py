@@ -97,3 +97,31 @@ def test_info_of_a_file_written_before_the_counts(odd_beton, tmp_path, capsys):
     (tmp_path / "old.beton.classes.json").write_text('{"classes": ["a"]}')
     assert main(["data", "info", str(old)]) == 0
     assert "sources:  conversions not recorded" in capsys.readouterr().out
+
+
+MEASURE_PEAK = """
+import resource, sys
+from qlnas.data.folder import load_rgb
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = load_rgb(sys.argv[1], int(sys.argv[2]))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(image.shape[0], image.shape[1], (after - before) // 1024)
+"""
+
+
+def test_a_huge_jpeg_decodes_within_a_bound_set_by_max_res(tmp_path):
+    """A 6000x4000 photo (72 MB as RGB) is decoded at a reduced DCT scale: the writer's memory
+    grows by a few MB, and the image it gets is at most twice --max-res on its long side."""
+    import subprocess
+    import sys
+
+    y, x = np.mgrid[0:4000, 0:6000]
+    pixels = np.stack([(x // 7) % 256, (y // 5) % 256, ((x + y) // 11) % 256], -1)
+    path = tmp_path / "huge.jpg"
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+    del pixels, x, y
+    done = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(path), "512"],
+                          capture_output=True, text=True, check=True)
+    h, w, grew_mib = map(int, done.stdout.split())
+    assert (h, w) == (500, 750)  # 1/8 scale, the coarsest whose long side still reaches 512
+    assert grew_mib < 24, f"decoding grew the process by {grew_mib} MiB"
