@@ -104,6 +104,43 @@ def torchvision_rate(folder: Path, res: int, batch_size: int, workers: int,
     return _images_per_s(loader, epochs)
 
 
+def torchvision_val_rate(folder: Path, res: int, batch_size: int, workers: int,
+                         epochs: int) -> float:
+    """timm's evaluation transform: shorter side to res / crop_pct, centre crop."""
+    import torch
+    from torchvision import datasets, transforms
+
+    from qlnas.data.center_crop import DEFAULT_CROP_PCT
+
+    tf = transforms.Compose([transforms.Resize(int(res / DEFAULT_CROP_PCT)),
+                             transforms.CenterCrop(res), transforms.PILToTensor()])
+    dataset = datasets.ImageFolder(str(folder), transform=tf)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, persistent_workers=workers > 0)
+    return _images_per_s(loader, epochs)
+
+
+def ffcv_val_rate(beton: Path, res: int, batch_size: int, workers: int, epochs: int,
+                  decoder: str) -> float:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    from qlnas.data.center_crop import DEFAULT_CROP_PCT, CenterCropDecoder
+    from qlnas.data.loaders import _max_sample_bytes
+
+    if decoder == "stock":
+        op = CenterCropRGBImageDecoder((res, res), DEFAULT_CROP_PCT)
+    else:
+        op = CenterCropDecoder((res, res), DEFAULT_CROP_PCT,
+                               max_jpeg_bytes=_max_sample_bytes(beton))
+    loader = Loader(str(beton), batch_size=batch_size, num_workers=workers,
+                    order=OrderOption.SEQUENTIAL, os_cache=True,
+                    pipelines={"image": [op, ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    return _images_per_s(loader, epochs)
+
+
 def ffcv_rate(beton: Path, res: int, batch_size: int, workers: int, epochs: int,
               decoder: str) -> float:
     from ffcv.fields.basics import IntDecoder
@@ -176,6 +213,40 @@ def decode_bound(beton: Path, res: int, samples: int = 2000, seed: int = 0) -> d
             **{f"scale_1/{d}": counts[d] / len(scales) for d in (1, 2, 4, 8)}}
 
 
+def measure(folder: Path, beton: Path, split: str, res: int, args) -> dict:
+    """images/s of torchvision, stock FFCV and ours on one split at one resolution, their
+    ratios, and (train) the one-thread decode bound."""
+    common = dict(res=res, batch_size=args.batch_size, workers=args.workers, epochs=args.epochs)
+    tv, ffcv = (torchvision_rate, ffcv_rate) if split == "train" \
+        else (torchvision_val_rate, ffcv_val_rate)
+    rates = {}
+    if "torchvision" not in args.skip:
+        rates["torchvision"] = tv(folder, **common)
+    if "stock" not in args.skip:
+        rates["stock"] = ffcv(beton, decoder="stock", **common)
+    if "ours" not in args.skip:
+        rates["ours"] = ffcv(beton, decoder="scaled", **common)
+    row = {"split": split, "resolution": res, "img_s": rates}
+    for a, b in (("ours", "torchvision"), ("ours", "stock"), ("stock", "torchvision")):
+        if a in rates and b in rates:
+            row[f"{a}/{b}"] = rates[a] / rates[b]
+    if split == "train":
+        row["decode_bound"] = decode_bound(beton, res, args.bound_samples)
+    return row
+
+
+def format_row(row: dict) -> str:
+    rates = "  ".join(f"{k} {v:,.0f}" for k, v in row["img_s"].items())
+    ratios = "  ".join(f"{k} {v:.2f}x" for k, v in row.items() if "/" in k)
+    text = f"{row['split']:5} {row['resolution']:3d} px  img/s: {rates}  |  {ratios}"
+    if "decode_bound" in row:
+        b = row["decode_bound"]
+        text += (f"  |  decode bound {b['bound']:.2f}x (stock {b['stock_us']:.0f} us, ours "
+                 f"{b['ours_us']:.0f} us; scales " + ", ".join(
+                     f"1/{d} {b[f'scale_1/{d}']:.0%}" for d in (1, 2, 4, 8)) + ")")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print images/s, ratios and the decode bound."""
     from qlnas.data.demo import default_cache_dir
@@ -186,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="ImageFolder tree of JPEGs (default: generated from scikit-image photos)")
     p.add_argument("--count", type=int, default=2000, help="generated JPEGs (default 2000)")
     p.add_argument("--work-dir", default=None, help="where generated files go (default cache)")
-    p.add_argument("--resolution", type=int, default=160)
+    p.add_argument("--resolution", type=int, nargs="+", default=[160, 192, 224])
+    p.add_argument("--split", nargs="+", default=["train", "val"], choices=("train", "val"),
+                   help="train: random resized crop and flip; val: timm's centre crop")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
@@ -201,36 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     beton = work / f"{folder.name}.beton"
     if not beton.exists():
         write_beton(folder, beton, max_res=512, quality=90, workers=args.workers)
-    common = dict(res=args.resolution, batch_size=args.batch_size, workers=args.workers,
-                  epochs=args.epochs)
-    rates = {}
-    if "torchvision" not in args.skip:
-        rates["torchvision"] = torchvision_rate(folder, **common)
-    if "stock" not in args.skip:
-        rates["stock"] = ffcv_rate(beton, decoder="stock", **common)
-    if "ours" not in args.skip:
-        rates["ours"] = ffcv_rate(beton, decoder="scaled", **common)
-    bound = decode_bound(beton, args.resolution, args.bound_samples)
-    print(f"{len(list(folder.rglob('*.jpg')))} JPEGs from {folder}, {args.resolution} px, "
-          f"{args.workers} workers, batch {args.batch_size}, {os.cpu_count()} cores")
-    for name, rate in rates.items():
-        print(f"{name:12} {rate:8.0f} img/s")
-    if "torchvision" in rates and "ours" in rates:
-        print(f"ours / torchvision   {rates['ours'] / rates['torchvision']:.2f}x")
-    if "stock" in rates and "torchvision" in rates:
-        print(f"stock / torchvision  {rates['stock'] / rates['torchvision']:.2f}x")
-    if "stock" in rates and "ours" in rates:
-        print(f"ours / stock FFCV    {rates['ours'] / rates['stock']:.2f}x")
-    print(f"decode bound (one thread, same crops): stock {bound['stock_us']:.0f} us, ours "
-          f"{bound['ours_us']:.0f} us per image -> {bound['bound']:.2f}x; scales used: "
-          + ", ".join(f"1/{d} {bound[f'scale_1/{d}']:.0%}" for d in (1, 2, 4, 8)))
+    print(f"{len(list(folder.rglob('*.jpg')))} JPEGs from {folder}, {args.workers} workers, "
+          f"batch {args.batch_size}, {os.cpu_count()} cores, {args.epochs} timed epochs each")
+    table = []
+    for split in args.split:
+        for res in args.resolution:
+            row = measure(folder, beton, split, res, args)
+            table.append(row)
+            print(format_row(row))
     if args.out:
         from qlnas.fileio import atomic_write_json
         from qlnas.models.bench import machine
 
         result = {"machine": machine(), "images": len(list(folder.rglob("*.jpg"))),
-                  "resolution": args.resolution, "workers": args.workers,
-                  "batch_size": args.batch_size, "img_s": rates, "decode_bound": bound}
+                  "workers": args.workers, "batch_size": args.batch_size, "epochs": args.epochs,
+                  "rows": table}
         path = Path(args.out) / "loader.json"
         atomic_write_json(result, path)
         print(f"wrote {path}")

@@ -2,10 +2,15 @@ from qlnas.data.bench import main
 
 
 def test_benchmark_runs_on_a_tiny_input(tmp_path, capsys):
-    assert main(["--count", "24", "--work-dir", str(tmp_path), "--resolution", "32",
+    """Every split and resolution gets a row with the three loaders and their ratios."""
+    assert main(["--count", "24", "--work-dir", str(tmp_path), "--resolution", "32", "48",
                  "--batch-size", "8", "--workers", "1", "--epochs", "1",
-                 "--bound-samples", "50"]) == 0
-    out = capsys.readouterr().out
-    for line in ("torchvision", "stock", "ours / stock FFCV", "ours / torchvision",
-                 "decode bound"):
-        assert line in out
+                 "--bound-samples", "50", "--out", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if " px  img/s:" in line]
+    assert [row.split()[:2] for row in rows] == [["train", "32"], ["train", "48"],
+                                                  ["val", "32"], ["val", "48"]]
+    for row in rows:
+        for part in ("torchvision", "stock", "ours", "ours/stock", "ours/torchvision"):
+            assert part in row
+    assert all(("decode bound" in row) == row.startswith("train") for row in rows)
+    assert (tmp_path / "loader.json").is_file()

@@ -28,7 +28,7 @@ fixed:
   hflip: false
 """
 
-SPACE = "# test-only space: a 2x2 grid, where lr 1e4 diverges at once\n" \
+SPACE = "# test-only space: a grid where lr 1e4 diverges at once\n" \
     + FIXED.replace("{steps}", "6") + """\
 arch:
   form: {forms}
@@ -63,12 +63,13 @@ def trials(out: Path) -> list[dict]:
 
 
 def test_search_with_a_diverging_trial(tmp_path):
-    space = write_space(tmp_path, epochs=2, forms="[eq3, glb]", lrs="[0.2, 10000.0]", trials=4)
+    # The grid's order: lr 1e4 first, so the next trial's start after a stop is measured.
+    space = write_space(tmp_path, epochs=2, forms="[glb]", lrs="[0.2, 10000.0]", trials=2)
     out = tmp_path / "out"
     proc = search("--space", str(space), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = trials(out)
-    assert len(records) == 4
+    assert len(records) == 2
     by_lr = {}
     for r in records:
         by_lr.setdefault(r["params"]["lr"], []).append(r)
@@ -78,7 +79,7 @@ def test_search_with_a_diverging_trial(tmp_path):
         result = json.loads((out / "trials" / r["trial_id"] / "run" / "result.json").read_text())
         assert result["epochs_run"] == 0 and result["nan_events"] == 1
     for r in by_lr[0.2]:
-        assert r["spec"]["form"] in ("eq3", "glb") and r["spec"]["act"] == "softball"
+        assert r["spec"]["form"] == "glb" and r["spec"]["act"] == "softball"
     # The leaderboard and the plot list every trial.
     with open(out / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
@@ -87,16 +88,15 @@ def test_search_with_a_diverging_trial(tmp_path):
     assert "diverged" in (out / "leaderboard.md").read_text()
     assert "qlnas train --config" in (out / "best_config.yaml").read_text()
     # A stopped trial frees its workers: the next trial starts within a minute.
-    ordered = sorted(records, key=lambda r: r["started"])
-    for prev, nxt in zip(ordered, ordered[1:], strict=False):
-        if prev["status"] == "diverged":
-            assert nxt["started"] - prev["ended"] < 60
+    first, second = sorted(records, key=lambda r: r["started"])
+    assert first["status"] == "diverged", "grid order changed"
+    assert second["started"] - first["ended"] < 60
     # Every trial's TensorBoard logs live under the search folder.
-    assert len(list(out.glob("trials/*/run/tb/events.out.tfevents.*"))) == 4
+    assert len(list(out.glob("trials/*/run/tb/events.out.tfevents.*"))) == 2
     # qlnas report works at any time, without Ray.
     rep = subprocess.run([sys.executable, "-m", "qlnas.cli", "report", str(out), "--format",
                           "json"], capture_output=True, text=True, timeout=120)
-    assert rep.returncode == 0 and len(json.loads(rep.stdout)) == 4
+    assert rep.returncode == 0 and len(json.loads(rep.stdout)) == 2
 
 
 RESUMED = "# test-only space: ASHA prunes lr 1e-5, the third of the grid (seed 5)\n" \
