@@ -46,6 +46,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/train_step.py --sweep --label cpu
 	$(BIN)/python bench/loader.py --out bench/results
+	$(BIN)/python bench/writer.py --out bench/results
 
 lint: setup
 	$(BIN)/ruff check qlnas tests bench search.py

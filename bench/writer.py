@@ -30,16 +30,18 @@ def write_rate(src: Path, out: Path, workers: int, max_res: int) -> float:
 
     start = time.perf_counter()
     result = write_beton(src, out, max_res=max_res, workers=workers, overwrite=True)
-    return result.samples / (time.perf_counter() - start)
+    return result.num_samples / (time.perf_counter() - start)
 
 
 def peak_rss_mib(src: Path, max_res: int) -> float:
-    """Peak RSS of a fresh one-process writer of `src` (a subprocess: its own high-water mark,
-    or that of FFCV's worker process when higher)."""
-    code = ("import resource, sys; from qlnas.data.writer import write_beton; "
+    """Peak RSS of a fresh one-process writer of `src`: its own high-water mark (VmHWM, which
+    starts afresh at exec; getrusage's would keep this parent's from before the exec) or that
+    of FFCV's worker processes when higher."""
+    code = ("import re, resource, sys; from qlnas.data.writer import write_beton; "
             "write_beton(sys.argv[1], sys.argv[2], max_res=int(sys.argv[3]), workers=1, "
-            "overwrite=True); print(max(resource.getrusage(r).ru_maxrss for r in "
-            "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))")
+            "overwrite=True); hwm = int(re.search(r'VmHWM:\\s+(\\d+)', "
+            "open('/proc/self/status').read()).group(1)); "
+            "print(max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))")
     with tempfile.TemporaryDirectory() as tmp:
         done = subprocess.run([sys.executable, "-c", code, str(src), f"{tmp}/m.beton",
                                str(max_res)], capture_output=True, text=True, check=True)
@@ -85,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for dataset, images in IMAGENET.items():
         local, eight = images / here / 3600, images / (8 * per_process) / 3600
         projected[dataset] = {"this machine (h)": local, "8 cores (h)": eight}
-        print(f"{dataset} ({images:,} images of ~500x375): {local:.1f} h on this machine "
-              f"({cores} processes), {eight:.1f} h per 8 cores (8 processes at the one-process "
-              "rate)")
+        print(f"{dataset} ({images:,} images of ~500x375): {60 * local:.0f} min on this "
+              f"machine ({cores} processes), {60 * eight:.0f} min per 8 cores (8 processes at "
+              "the one-process rate)")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
