@@ -249,9 +249,7 @@ def records(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-# The pruners the shipped spaces use (demo: median, imagenet100: asha); hyperband, which none
-# uses, meets Optuna's own pruner in test_a_trial_that_trains_all_its_epochs_is_complete.
-@pytest.mark.parametrize("pruner", ["median", "asha"])
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "asha"])
 def test_a_pruner_stops_a_poor_trial_from_inside(pruner, tmp_path, local_ray):
     """Median, Hyperband and ASHA on the same space: the poor trial is pruned from inside
     (before its last epoch, its workers freed), the first one trains all its epochs."""
