@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -142,10 +143,14 @@ def _verify_field(data: np.ndarray, meta: np.ndarray, alloc: np.ndarray, workers
     statuses = np.zeros(n, np.int64)
     scratch = int(((heights + 7) // 8 * ((widths + 7) // 8)).max(initial=1)) * 3
     chunk = max(1, min(2048, -(-n // (4 * workers))))
+    # Fresh dispatchers per call: numba drops a shared callee's overloads when a caller that
+    # used them is freed (a KeyError in the next call).
+    scope = dict(_decode_all.py_func.__globals__, imdecode_all=njit(nogil=True)(imdecode))
+    decode_all = njit(nogil=True)(types.FunctionType(_decode_all.py_func.__code__, scope))
 
     def run(first: int) -> int:
         last = min(n, first + chunk)
-        _decode_all(data, ptrs, sizes, heights, widths, modes, first, last, statuses,
+        decode_all(data, ptrs, sizes, heights, widths, modes, first, last, statuses,
                     np.empty(scratch, np.uint8))
         return last - first
 
