@@ -13,6 +13,7 @@ import threading
 
 from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
+from ffcv.memory_managers.process_cache import ProcessCacheContext, ProcessCacheManager
 from ffcv.pipeline.compiler import Compiler
 
 POLL_S = 1.0  # how often a waiting consumer checks that the thread is alive
@@ -79,6 +80,8 @@ class GuardedEpochIterator(EpochIterator):
             raise StopIteration()
         if isinstance(item, _Failure):
             self.close()
+            if isinstance(item.exc, LoaderFailed):  # says what failed already
+                raise item.exc
             raise LoaderFailed(f"{self.loader.reader.file_name}: loading failed: "
                                f"{type(item.exc).__name__}: {item.exc}") from item.exc
         slot, result = item
@@ -87,9 +90,51 @@ class GuardedEpochIterator(EpochIterator):
         return result
 
 
+class GuardedProcessCacheContext(ProcessCacheContext):
+    """FFCV's per-process page cache for one epoch, whose wait for a page ends when the
+    threads that read pages are gone (FFCV's waits forever: a file that became unreadable,
+    say a shared filesystem that dropped it, froze the job)."""
+
+    def start_batch(self, batch: int):
+        executor, schedule = self.executor, self.executor.schedule
+        for page in schedule.can_prefetch_at[batch]:
+            executor.queries.put((page, schedule.page_to_slot[page]))
+        for page in schedule.entering_at[batch]:
+            while page not in executor.loaded:
+                try:
+                    executor.loaded.add(executor.loaded_queue.get(timeout=POLL_S))
+                except queue.Empty:
+                    if not any(t.is_alive() for t in executor.threads):
+                        raise LoaderFailed(f"{self.fname}: its pages can no longer be read "
+                                           f"({_unreadable(self.fname)})") from None
+        executor.next_batch = batch + 1
+
+
+def _unreadable(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "the threads reading them stopped"
+
+
+class GuardedProcessCacheManager(ProcessCacheManager):
+    """ProcessCacheManager whose epochs wait on pages as GuardedProcessCacheContext does."""
+
+    def schedule_epoch(self, batches) -> GuardedProcessCacheContext:
+        return GuardedProcessCacheContext(self, batches)
+
+
 class GuardedLoader(Loader):
     """FFCV's Loader whose epochs run in a GuardedEpochIterator (its `__iter__`, otherwise
-    unchanged)."""
+    unchanged), and whose per-process page cache (`os_cache=False`) is guarded too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if type(self.memory_manager) is ProcessCacheManager:
+            # The subclass only changes how an epoch waits; the tables FFCV built stay.
+            self.memory_manager.__class__ = GuardedProcessCacheManager
 
     def __iter__(self) -> GuardedEpochIterator:
         Compiler.set_num_threads(self.num_workers)

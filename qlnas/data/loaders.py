@@ -2,8 +2,10 @@
 
 Each process gets `batch_size` images per batch; with `distributed=True` every rank reads a
 disjoint share of each epoch. The order is a function of (seed, epoch, world size) alone, so a
-resumed run (`set_epoch`) sees the same batches as an uninterrupted one. A `num_workers` above
-the cores this process may use (a recipe from a bigger machine) is lowered to them.
+resumed run (`set_epoch`) sees the same batches as an uninterrupted one. A file is read
+`cached` (through the page cache the node's processes share) or `streamed` (a window of pages
+per process, for files larger than memory): `qlnas.data.order`. A `num_workers` above the cores
+this process may use (a recipe from a bigger machine) is lowered to them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from qlnas.data.center_crop import DEFAULT_CROP_PCT, CenterCropDecoder
 from qlnas.data.decoders import ScaledRandomResizedCropDecoder
 from qlnas.data.guard import GuardedLoader
 from qlnas.data.integrity import CorruptSamples, describe_samples, open_beton
+from qlnas.data.order import PagedOrder, SeededOrder, resolve_mode, sample_pages, stream_window
 from qlnas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,29 +68,6 @@ class NormalizeOnDevice(Operation):
                 AllocationQuery((h, w, c), torch.float32, previous_state.device))
 
 
-class SeededOrder:
-    """Sample order of an epoch: a permutation seeded by (seed, epoch), then this rank's share.
-
-    Ranks take every world-size-th sample; with `equal_shares` the < world-size samples left
-    over are dropped so every rank runs the same number of steps (training), otherwise each
-    sample is read exactly once over all ranks (evaluation).
-    """
-
-    def __init__(self, num_samples: int, *, shuffle: bool, seed: int, rank: int, world: int,
-                 equal_shares: bool) -> None:
-        self.indices = np.arange(num_samples, dtype=np.uint64)
-        self.shuffle, self.seed = shuffle, seed
-        self.rank, self.world, self.equal_shares = rank, world, equal_shares
-
-    def sample_order(self, epoch: int) -> np.ndarray:
-        order = self.indices
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        if self.equal_shares:
-            order = order[:len(order) - len(order) % self.world]
-        return order[self.rank::self.world]
-
-
 class ImageLoader:
     """Iterable of (images float32 NCHW channels_last, labels int64) batches on `device`.
 
@@ -100,9 +80,11 @@ class ImageLoader:
     the iteration with LoaderFailed (guard.py), never a hang.
     """
 
-    def __init__(self, loader: GuardedLoader, order: SeededOrder, decoder: Any, resolution: int,
-                 train: bool, skip_corrupt: bool = False) -> None:
+    def __init__(self, loader: GuardedLoader, order: SeededOrder | PagedOrder, decoder: Any,
+                 resolution: int, train: bool, skip_corrupt: bool = False) -> None:
         self._loader = loader
+        self.mode = "streamed" if isinstance(order, PagedOrder) else "cached"
+        """How the file is read (qlnas.data.order)."""
         self._decoder = decoder
         self._resolution = resolution
         self._train = train
@@ -262,19 +244,28 @@ def _check_device(device: str | torch.device) -> torch.device:
 
 
 def _build(path: str, decoder: Operation, *, batch_size: int, device: str | torch.device,
-           order: SeededOrder, num_workers: int, drop_last: bool, flip: bool,
-           resolution: int, train: bool, skip_corrupt: bool) -> ImageLoader:
+           mode: str, distributed: bool, shuffle: bool, seed: int, num_workers: int,
+           drop_last: bool, flip: bool, resolution: int, train: bool,
+           skip_corrupt: bool) -> ImageLoader:
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}: expected at least 1 image per batch")
     num_workers = _loader_threads(num_workers)
     device = _check_device(device)
+    rank, world = _rank_world(distributed)
+    mode = resolve_mode(mode, path, distributed)
     image = [decoder] + ([RandomHorizontalFlip()] if flip else [])
     image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True),
               NormalizeOnDevice()]
     label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
-    loader = GuardedLoader(path, batch_size=batch_size, num_workers=num_workers, os_cache=True,
-                           order=OrderOption.SEQUENTIAL, drop_last=drop_last,
-                           pipelines={"image": image, "label": label})
+    loader = GuardedLoader(path, batch_size=batch_size, num_workers=num_workers,
+                           os_cache=mode == "cached", order=OrderOption.SEQUENTIAL,
+                           drop_last=drop_last, pipelines={"image": image, "label": label})
+    shares = dict(shuffle=shuffle, seed=seed, rank=rank, world=world, equal_shares=train)
+    if mode == "cached":
+        order = SeededOrder(loader.reader.num_samples, **shares)
+    else:
+        order = PagedOrder(sample_pages(loader.reader), **shares,
+                           window=stream_window(batch_size, loader.reader.page_size))
     return ImageLoader(loader, order, decoder, resolution, train, skip_corrupt)
 
 
@@ -282,12 +273,14 @@ def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: 
                        device: str | torch.device = "cpu", distributed: bool = False,
                        seed: int = 0, num_workers: int = 2, decoder: str = "scaled",
                        drop_last: bool = True, scale: tuple[float, float] = (0.08, 1.0),
-                       flip: bool = True, skip_corrupt: bool = False) -> ImageLoader:
+                       flip: bool = True, skip_corrupt: bool = False,
+                       mode: str = "auto") -> ImageLoader:
     """Random-resized-crop, flip and normalise `path` into shuffled training batches.
 
     `decoder="scaled"` (default) decodes each JPEG only as far as the crop needs, with crops
     and flips drawn from per-sample seeded streams (same seed, epoch and world size: the same
     batches); `"stock"` is FFCV's RandomResizedCropRGBImageDecoder (augmentation unseeded).
+    `mode`: `cached`, `streamed` or `auto` (qlnas.data.order).
     """
     path = _check_file(path)
     if decoder not in DECODERS:
@@ -299,10 +292,8 @@ def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: 
                                             max_jpeg_bytes=_max_sample_bytes(path))
     else:
         op = RandomResizedCropRGBImageDecoder(size, scale=tuple(scale))
-    rank, world = _rank_world(distributed)
-    order = SeededOrder(_num_samples(path), shuffle=True, seed=seed, rank=rank, world=world,
-                        equal_shares=True)
-    return _build(path, op, batch_size=batch_size, device=device, order=order,
+    return _build(path, op, batch_size=batch_size, device=device, mode=mode,
+                  distributed=distributed, shuffle=True, seed=seed,
                   num_workers=num_workers, drop_last=drop_last,
                   flip=flip and decoder == "stock",  # ours flips inside the decoder
                   resolution=int(resolution), train=True, skip_corrupt=skip_corrupt)
@@ -311,7 +302,8 @@ def build_train_loader(path: str | os.PathLike, *, batch_size: int, resolution: 
 def build_val_loader(path: str | os.PathLike, *, batch_size: int, resolution: int,
                      device: str | torch.device = "cpu", distributed: bool = False,
                      num_workers: int = 2, crop_pct: float = DEFAULT_CROP_PCT,
-                     decoder: str = "scaled", skip_corrupt: bool = False) -> ImageLoader:
+                     decoder: str = "scaled", skip_corrupt: bool = False,
+                     mode: str = "auto") -> ImageLoader:
     """timm's evaluation crop of `path` (shorter side resized to resolution / crop_pct, the
     centre resolution x resolution kept), normalised, in file order, keeping the last batch.
 
@@ -320,7 +312,7 @@ def build_val_loader(path: str | os.PathLike, *, batch_size: int, resolution: in
     (ratio crop_pct of the shorter side, area interpolation). With `distributed=True` each
     sample is read by exactly one rank, so ranks may differ by one batch: sum metrics over
     ranks after the loop, and evaluate the unwrapped model (a DDP forward could wait on a rank
-    that has finished).
+    that has finished). `mode` as for build_train_loader.
     """
     path = _check_file(path)
     if decoder not in DECODERS:
@@ -332,10 +324,8 @@ def build_val_loader(path: str | os.PathLike, *, batch_size: int, resolution: in
         op = CenterCropDecoder(size, crop_pct=crop_pct, max_jpeg_bytes=_max_sample_bytes(path))
     else:
         op = CenterCropRGBImageDecoder(size, ratio=crop_pct)
-    rank, world = _rank_world(distributed)
-    order = SeededOrder(_num_samples(path), shuffle=False, seed=0, rank=rank, world=world,
-                        equal_shares=False)
-    return _build(path, op, batch_size=batch_size, device=device, order=order,
+    return _build(path, op, batch_size=batch_size, device=device, mode=mode,
+                  distributed=distributed, shuffle=False, seed=0,
                   num_workers=num_workers, drop_last=False, flip=False,
                   resolution=int(resolution), train=False, skip_corrupt=skip_corrupt)
 
@@ -345,10 +335,6 @@ def val_crop_pct(model: torch.nn.Module) -> float:
     default 0.875."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     return float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)
-
-
-def _num_samples(path: str) -> int:
-    return int(open_beton(path).num_samples)
 
 
 def _max_sample_bytes(path: str) -> int:

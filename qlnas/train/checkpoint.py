@@ -149,7 +149,7 @@ def generations(path: Path) -> Iterator[tuple[dict, Path]]:
 # A longer or shorter `epochs` re-plans the LR schedule over the new length from the current
 # step (see qlnas.train.schedule).
 RESUMABLE_CHANGES = {"out", "workers", "checkpoint_steps", "epochs", "decoder", "export",
-                     "skip_corrupt"}
+                     "skip_corrupt", "data_mode"}
 
 
 def check_compatible(ckpt: dict, config: dict, world_size: int, path: Path,

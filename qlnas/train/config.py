@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from qlnas.data.order import MODES as DATA_MODES
 from qlnas.errors import UserError
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw", "lamb")
@@ -111,6 +112,11 @@ class TrainConfig:
     (data/skipped_samples) and result.json, instead of stopping the run with their names."""
     workers: int = 2
     """Loader threads per process."""
+    data_mode: str = "auto"
+    """How the data files are read: cached (memory-mapped through the page cache the node's
+    processes share; a full shuffle), streamed (each process reads its share a window of
+    pages at a time, for files larger than memory), or auto (cached when a file is at most
+    half the node's memory)."""
     seed: int = 0
     """Seed of initialisation and data order."""
     on_nan: str = "stop"
@@ -130,6 +136,7 @@ class TrainConfig:
 
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP),
                               ("on_nan", ON_NAN), ("decoder", DECODERS),
+                              ("data_mode", DATA_MODES),
                               ("export", EXPORTS)):
             if getattr(self, name) not in choices:
                 raise bad(name, "one of " + ", ".join(choices))

@@ -43,6 +43,8 @@ class Progress:
     """Consecutive skipped steps up to now (divergence past `max_overflow_steps`)."""
     skipped_samples: list = field(default_factory=list)
     """[split, index in the file] of the samples left out so far (`skip_corrupt`)."""
+    data_mode: str = "cached"
+    """How the train file is read (qlnas.data.order); a resume under `auto` keeps it."""
 
 
 @dataclass

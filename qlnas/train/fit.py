@@ -89,16 +89,31 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
     return train, val, num_classes, build_model(config, num_classes)
 
 
+def _data_mode(config: TrainConfig, ckpt: dict | None) -> str:
+    """How to read the data: `config.data_mode`; on resume under `auto`, the way the run
+    started (a node with other memory would otherwise change the order mid-run)."""
+    recorded = ckpt["state"].get("data_mode", "cached") if ckpt is not None else None
+    if recorded is None or config.data_mode == recorded:
+        return config.data_mode
+    if config.data_mode == "auto":
+        log.info("reading the data %s, as the run did before it was resumed", recorded)
+        return recorded
+    log.warning("data_mode=%s: the run read its data %s until now, so the batches from here "
+                "on are not those of an uninterrupted run", config.data_mode, recorded)
+    return config.data_mode
+
+
 def build_loaders(config: TrainConfig, dist: DistInfo, train_path: Path, val_path: Path,
-                  model: nn.Module | None = None):
+                  model: nn.Module | None = None, mode: str | None = None):
     """The train and val loaders of this process and the train steps per epoch (validation at
-    `model`'s crop_pct, timm's default without one)."""
+    `model`'s crop_pct, timm's default without one; `mode` overrides `config.data_mode`)."""
     from qlnas.data import build_train_loader, build_val_loader
     from qlnas.data.loaders import DEFAULT_CROP_PCT, val_crop_pct
 
     per_rank = config.batch_size // dist.world_size
     loader_kw = dict(device=dist.device, distributed=dist.distributed,
-                     num_workers=config.workers, skip_corrupt=config.skip_corrupt)
+                     num_workers=config.workers, skip_corrupt=config.skip_corrupt,
+                     mode=mode or config.data_mode)
     train_loader = build_train_loader(train_path, batch_size=per_rank,
                                       resolution=config.resolution, seed=config.seed,
                                       decoder=config.decoder,
@@ -178,22 +193,27 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
         keep_freed_memory()  # a third faster element-wise ops (see qlnas.allocator)
     torch.manual_seed(config.seed)  # the model's initialisation, the same on every rank
     train_path, val_path, num_classes, model = validate(config, dist.world_size)
-    train_loader, val_loader, steps = build_loaders(config, dist, train_path, val_path, model)
+    run = RunFiles(config, dist, model)
+    run.clean()
+    has_last = broadcast_object(has_checkpoint(run.last), dist)  # one answer before any write
+    ckpt = None
+    if resume and has_last:
+        ckpt, path = run.resume_point()
+        check_resume(ckpt, config, dist.world_size, path)
+    elif has_last:
+        raise UserError(f"out: {run.out} already holds a run; pass --resume or another --out")
+    mode = _data_mode(config, ckpt)
+    train_loader, val_loader, steps = build_loaders(config, dist, train_path, val_path, model,
+                                                    mode)
     parts = make_parts(config, model, dist, num_classes, steps)
     parts.should_stop = should_stop
     parts.progress_bar = progress_bar
     seed_process(config.seed, dist.rank)  # mixup, cutmix, drop path: a stream per rank
-    run = RunFiles(config, dist, parts.model)
-    run.clean()
     progress = Progress(world_size=dist.world_size)
-    has_last = broadcast_object(has_checkpoint(run.last), dist)  # one answer before any write
-    if resume and has_last:
-        ckpt, path = run.resume_point()
-        check_resume(ckpt, config, dist.world_size, path)
+    if ckpt is not None:
         progress = restore(parts, ckpt, dist.rank)
         log.info("resumed from %s at epoch %d, batch %d", path, progress.epoch, progress.batch)
-    elif has_last:
-        raise UserError(f"out: {run.out} already holds a run; pass --resume or another --out")
+    progress.data_mode = train_loader.mode
     tb = None
     if dist.is_primary:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +245,7 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
     result.update(status=status, epochs_run=progress.epoch, steps=progress.step,
                   nan_events=progress.nan_events, rollbacks=progress.rollbacks,
                   overflows=progress.overflows, best_top1=max(progress.best_top1, 0.0),
-                  skipped_samples=len(progress.skipped_samples),
+                  skipped_samples=len(progress.skipped_samples), data_mode=progress.data_mode,
                   exported=weights if status == "completed" else None, out=str(run.out))
     if dist.is_primary:
         atomic_write_json(result, run.out / "result.json")

@@ -77,3 +77,31 @@ def test_ffcv_alone_hangs_on_the_same_pipeline(demo_betons):
     """Why the guard exists: the same failure under FFCV's Loader never returns."""
     outcome = run_in_thread(Loader, demo_betons[1], wait_s=15)
     assert "done" not in outcome and outcome["batches"] == 2
+
+
+def test_a_file_gone_before_a_streamed_epoch_ends_it(demo_betons, tmp_path):
+    """The per-process page cache (os_cache=False): its page readers cannot open the file
+    (a shared filesystem that dropped it), and the epoch ends with that reason; FFCV's
+    waits for the pages forever."""
+    path = tmp_path / "train.beton"
+    path.write_bytes(demo_betons[0].read_bytes())
+    loader = GuardedLoader(str(path), batch_size=16, num_workers=1, os_cache=False,
+                           order=OrderOption.SEQUENTIAL,
+                           pipelines={"image": [CenterCropRGBImageDecoder((32, 32), 1.0)],
+                                      "label": [IntDecoder()]})
+    path.unlink()
+    outcome: dict = {}
+
+    def consume():
+        try:
+            next(iter(loader))
+        except Exception as exc:  # noqa: BLE001  (what the test looks at)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert "error" in outcome, "the streamed epoch hung"
+    error = outcome["error"]
+    assert isinstance(error, LoaderFailed), repr(error)
+    assert str(error) == f"{path}: its pages can no longer be read (No such file or directory)"

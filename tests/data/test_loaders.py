@@ -8,7 +8,8 @@ import torch
 from ffcv.reader import Reader
 
 from qlnas.data import build_train_loader, build_val_loader, resolution_for_epoch
-from qlnas.data.loaders import IMAGENET_MEAN, IMAGENET_STD, SeededOrder
+from qlnas.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from qlnas.data.order import PagedOrder, SeededOrder, sample_pages, stream_window
 from qlnas.errors import UserError
 
 
@@ -81,6 +82,34 @@ def test_val_reads_every_sample_in_order(demo_betons):
         loader.set_resolution(64)
 
 
+def test_streamed_train_reads_its_paged_order(demo_betons):
+    """Streamed: FFCV's per-process page cache, fed the paged order of (seed, epoch)."""
+    loader = build_train_loader(demo_betons[0], batch_size=100, resolution=32, seed=4,
+                                mode="streamed")
+    assert loader.mode == "streamed"
+    assert build_train_loader(demo_betons[0], batch_size=100, resolution=32).mode == "cached"
+    reader = Reader(str(demo_betons[0]))
+    expected = PagedOrder(sample_pages(reader), shuffle=True, seed=4, rank=0, world=1,
+                          equal_shares=True, window=stream_window(100, reader.page_size))
+    stored = reader.metadata["f1"]
+    for epoch in (2, 3):
+        loader.set_epoch(epoch)
+        order = expected.sample_order(epoch).astype(np.int64)[:1400]
+        assert labels_of(loader) == stored[order].tolist()
+
+
+def test_streamed_val_gives_the_cached_pixels(demo_betons):
+    def epoch(mode):
+        loader = build_val_loader(demo_betons[1], batch_size=64, resolution=32, mode=mode)
+        return loader.mode, [(x.clone(), y) for x, y in loader]
+
+    (cached_mode, cached), (streamed_mode, streamed) = epoch("cached"), epoch("streamed")
+    assert (cached_mode, streamed_mode) == ("cached", "streamed")
+    assert len(cached) == len(streamed) == 6
+    for (a, la), (b, lb) in zip(cached, streamed, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         build_val_loader(tmp_path / "x.beton", batch_size=8, resolution=32)
@@ -119,6 +148,7 @@ def test_more_workers_than_cores_are_clamped_with_one_warning(demo_betons, caplo
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_workers=0), "workers=0: expected at least 1"),
     (dict(batch_size=0), "batch_size=0: expected at least 1"),
+    (dict(mode="ram"), "data_mode='ram': expected one of auto, cached, streamed"),
 ])
 def test_settings_the_loader_cannot_honour(demo_betons, kwargs, match):
     with pytest.raises(UserError, match=match):

@@ -1,6 +1,7 @@
 """Exact resume: a 2-process run with mixup, cutmix and EMA, killed by SIGKILL and resumed,
 ends with the weights and metrics of the run that was never interrupted."""
 
+import json
 import shutil
 
 import pytest
@@ -104,3 +105,22 @@ def test_resume_with_more_epochs_anneals_over_the_new_length(tmp_path):
     assert added[-1] == pytest.approx(0.001)  # the floor, at the new last step
     assert all(a > b for a, b in zip(added, added[1:], strict=False))  # still annealing
     assert added[0] > 0.01
+
+
+def test_a_streamed_run_resumed_under_auto_reads_on_streamed_and_is_exact(tmp_path):
+    """The large-dataset order (qlnas.data.order): killed mid-epoch, resumed with
+    `--data-mode auto` (which would cache the small demo file), it goes on in the order it
+    started with and ends where the uninterrupted streamed run does."""
+    args = [*ARGS, "--epochs", "2", "--max-steps-per-epoch", "6", "--checkpoint-steps", "2"]
+    straight = tmp_path / "straight"
+    proc = qlnas_train(straight, *args, "--data-mode", "streamed", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    state = kill_at_checkpoint(out, [*args, "--data-mode", "streamed"],
+                               lambda s: s["epoch"] >= 1 and s["batch"] > 0)
+    assert state["data_mode"] == "streamed" and 0 < state["batch"] < 6
+    done = qlnas_train(out, *args, "--data-mode", "auto", "--resume", nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reading the data streamed, as the run did before it was resumed" in done.stderr
+    assert_same_run(out, straight)
+    assert json.loads((out / "result.json").read_text())["data_mode"] == "streamed"
