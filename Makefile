@@ -42,11 +42,13 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 # The speed table (every Table 1 model, resnet50, mobilenetv3; resolution and batch sweep) and
-# the loader benchmark, into bench/results/ (about 20 minutes on 2 cores).
+# the loader, writer and loader-memory benchmarks, into bench/results/ (about 25 minutes on 2
+# cores).
 bench: setup
 	$(BIN)/python bench/train_step.py --sweep --label cpu
 	$(BIN)/python bench/loader.py --out bench/results
 	$(BIN)/python bench/writer.py --out bench/results
+	$(BIN)/python bench/loader_memory.py --out bench/results
 
 lint: setup
 	$(BIN)/ruff check qlnas tests bench search.py

@@ -9,6 +9,7 @@ import numpy as np
 
 from qlnas.data.classes import classes_path, read_classes, read_conversions
 from qlnas.data.integrity import open_beton
+from qlnas.data.order import choose_mode, node_memory
 
 
 def beton_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -22,7 +23,10 @@ def beton_info(path: str | os.PathLike) -> dict[str, Any]:
         "fields": {name: type(handler).__name__ for name, handler in reader.handlers.items()},
         "classes": read_classes(path) if classes_path(path).exists() else None,
         "conversions": read_conversions(path) if classes_path(path).exists() else None,
+        "page_bytes": int(reader.page_size),
+        "node_memory": node_memory(),
     }
+    info["auto_mode"] = choose_mode(info["bytes"], info["node_memory"])
     meta = reader.metadata
     column = {name: f"f{i}" for i, name in enumerate(reader.handlers)}  # FFCV's field columns
     if "image" in column and len(meta):
@@ -68,6 +72,9 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"jpeg:     {im['jpeg_fraction']:.0%} of images, "
                      f"{im['mean_bytes'] / 1024:.1f} KiB per sample on average")
     lines.append("sources:  " + format_conversions(info.get("conversions")))
+    lines.append(f"reading:  {info['auto_mode']} on this node under data_mode auto "
+                 f"({info['node_memory'] / 2**30:.1f} GiB of memory; pages of "
+                 f"{info['page_bytes'] >> 20} MiB)")
     return "\n".join(lines)
 
 

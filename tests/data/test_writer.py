@@ -103,6 +103,9 @@ def test_cli_write_and_info(photo_tree, tmp_path, capsys):
     assert main(["data", "info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "samples:  " in text and "width:" in text and "max 256" in text
+    # a file this small is read through the page cache; its pages are the writer's 8 MiB
+    assert "reading:  cached on this node under data_mode auto (" in text
+    assert text.rstrip().endswith("; pages of 8 MiB)")
 
 
 @pytest.mark.slow
