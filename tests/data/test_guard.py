@@ -105,3 +105,17 @@ def test_a_file_gone_before_a_streamed_epoch_ends_it(demo_betons, tmp_path):
     error = outcome["error"]
     assert isinstance(error, LoaderFailed), repr(error)
     assert str(error) == f"{path}: its pages can no longer be read (No such file or directory)"
+
+
+def test_a_loader_thread_that_ends_without_a_word_ends_the_epoch(demo_betons, monkeypatch):
+    """The consumer stops waiting when the epoch's thread is gone and left nothing behind."""
+    from qlnas.data.guard import GuardedEpochIterator
+
+    monkeypatch.setattr(GuardedEpochIterator, "run", lambda self: None)  # dies at once
+    loader = GuardedLoader(str(demo_betons[1]), batch_size=16, num_workers=1,
+                           order=OrderOption.SEQUENTIAL,
+                           pipelines={"image": [CenterCropRGBImageDecoder((32, 32), 1.0)],
+                                      "label": [IntDecoder()]})
+    with pytest.raises(LoaderFailed, match="the loader's thread ended without a batch or an "
+                                           "error"):
+        next(iter(loader))
