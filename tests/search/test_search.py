@@ -99,7 +99,7 @@ def test_search_with_a_diverging_trial(tmp_path):
     assert rep.returncode == 0 and len(json.loads(rep.stdout)) == 2
 
 
-RESUMED = "# test-only space: ASHA prunes lr 1e-5, the third of the grid (seed 5)\n" \
+RESUMED = "# test-only space: ASHA prunes lr 1e-5 (and maybe others) at its rungs\n" \
     + FIXED.replace("{steps}", "12") + """\
 arch:
   form: eq3
@@ -156,17 +156,25 @@ def test_a_killed_driver_resumes_with_its_stops_and_a_bigger_budget(tmp_path):
                    env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
     stopped = stop.parent.name
     before = {r["trial_id"]: r for r in trials(out)}
-    assert before[stopped]["params"]["lr"] == 1e-05
+    # Which trial ASHA stops first depends on the machine's numerics (lr 0.2 and 0.3 are a
+    # few samples apart at the rungs); the stop only has to be the one the kill caught.
+    assert before[stopped]["status"] in ("running", "pruned")
+    finished = {t: r["status"] for t, r in before.items()
+                if r["status"] in ("completed", "pruned") and t != stopped}
     metrics = {t: (out / "trials" / t / "run" / "metrics.csv").read_text() for t in before
                if (out / "trials" / t / "run" / "metrics.csv").is_file()}
     space.write_text(RESUMED.format(epochs=6, trials=4))  # the budget may grow
     proc = search("--space", str(space), "--out", str(out), "--resume")
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = {r["trial_id"]: r for r in trials(out)}
+    assert sorted(r["params"]["lr"] for r in records.values()) == [1e-05, 0.2, 0.25, 0.3]
+    assert records[stopped]["status"] == "pruned"  # stopped for good, never trained again
+    assert {t: records[t]["status"] for t in finished} == finished
     status = {r["params"]["lr"]: r["status"] for r in records.values()}
-    # The new trial meets ASHA's rungs as the first three left them: it may be pruned too.
-    assert status.pop(0.25) in ("completed", "pruned")
-    assert status == {0.3: "completed", 0.2: "completed", 1e-05: "pruned"}, status
+    # The rest meet ASHA's rungs as the earlier trials left them: any may be pruned, and
+    # lr 1e-5 (which learns nothing in 72 steps) always is.
+    assert set(status.values()) <= {"completed", "pruned"}, status
+    assert status[1e-05] == "pruned" and "completed" in status.values(), status
     for trial_id, text in metrics.items():  # no epoch trained again, none lost
         if before[trial_id]["status"] != "running" or trial_id == stopped:
             assert (out / "trials" / trial_id / "run" / "metrics.csv").read_text() == text
