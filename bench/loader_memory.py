@@ -40,24 +40,22 @@ def _mapped(path: str) -> int:
     return total
 
 
-def _status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+) kB", text)[1]) << 10
-            for k in ("RssAnon", "RssFile")}
+def _anon() -> int:
+    """This process's private resident memory (RssAnon), in bytes."""
+    return int(re.search(r"RssAnon:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) << 10
 
 
 class Sampler(threading.Thread):
-    """The largest RssAnon and RssFile of this process while it runs."""
+    """The largest RssAnon of this process while it runs."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak = _status()
+        self.peak = _anon()
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.02):
-            now = _status()
-            self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
+            self.peak = max(self.peak, _anon())
 
 
 def _rank(rank: int, port: int, path: str, mode: str, batch: int, queue) -> None:
@@ -72,7 +70,7 @@ def _rank(rank: int, port: int, path: str, mode: str, batch: int, queue) -> None
                                     num_workers=1, mode=mode)
         for _ in loader:  # epoch 0: numba compiles the pipeline
             pass
-        start = _status()
+        start = _anon()
         sampler = Sampler()
         sampler.start()
         t0, seen = time.perf_counter(), 0
@@ -83,7 +81,7 @@ def _rank(rank: int, port: int, path: str, mode: str, batch: int, queue) -> None
         sampler.stop.set()
         sampler.join()
         queue.put((rank, {"mode": loader.mode, "file_mib": mapped / 2**20,
-                          "private_mib": (sampler.peak["RssAnon"] - start["RssAnon"]) / 2**20,
+                          "private_mib": (sampler.peak - start) / 2**20,
                           "img_per_s": seen / elapsed}))
     finally:
         dist.destroy_process_group()

@@ -9,7 +9,7 @@ from ffcv.reader import Reader
 
 from qlnas.data import build_train_loader, build_val_loader, resolution_for_epoch
 from qlnas.data.loaders import IMAGENET_MEAN, IMAGENET_STD
-from qlnas.data.order import PagedOrder, SeededOrder, sample_pages, stream_window
+from qlnas.data.order import PagedOrder, sample_pages, stream_window
 from qlnas.errors import UserError
 
 
@@ -120,17 +120,6 @@ def test_resolution_for_epoch():
     assert [resolution_for_epoch(e, **ramp) for e in (0, 11, 12, 13, 20)] == [160, 160, 192,
                                                                                192, 192]
     assert resolution_for_epoch(5, min_res=128, max_res=256, end_ramp=10) == 192
-
-
-@pytest.mark.parametrize("equal", [True, False])
-def test_seeded_order_shares(equal):
-    orders = [SeededOrder(103, shuffle=True, seed=1, rank=r, world=4, equal_shares=equal)
-              for r in range(4)]
-    shares = [o.sample_order(7) for o in orders]
-    joined = np.concatenate(shares)
-    assert len(set(joined.tolist())) == len(joined) == (100 if equal else 103)
-    assert np.array_equal(shares[0], orders[0].sample_order(7))
-    assert not np.array_equal(shares[0], orders[0].sample_order(8))
 
 
 def test_more_workers_than_cores_are_clamped_with_one_warning(demo_betons, caplog):

@@ -45,6 +45,17 @@ def slots(pages, order, batch):
     return compute_schedule([set(pages[b].tolist()) for b in batches_of(order, batch)]).num_slots
 
 
+@pytest.mark.parametrize("equal", [True, False])
+def test_seeded_order_shares(equal):
+    orders = [SeededOrder(103, shuffle=True, seed=1, rank=r, world=4, equal_shares=equal)
+              for r in range(4)]
+    shares = [o.sample_order(7) for o in orders]
+    joined = np.concatenate(shares)
+    assert len(set(joined.tolist())) == len(joined) == (100 if equal else 103)
+    assert np.array_equal(shares[0], orders[0].sample_order(7))
+    assert not np.array_equal(shares[0], orders[0].sample_order(8))
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_streamed_shares_are_disjoint_equal_and_cover_the_epoch(world):
     pages, _ = class_sorted_pages()
