@@ -18,7 +18,7 @@ def test_models_table_csv(capsys):
     assert main(["models", "--filter", "qlnet26n_eq4*", "--num-classes", "10",
                  "--format", "csv"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0] == "model,params_m,gmacs"
+    assert out[0] == "model,params_m,gmacs,source"
     assert out[1].startswith("qlnet26n_eq4_softball_ds,")
 
 

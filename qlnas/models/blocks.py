@@ -5,7 +5,8 @@ an element-wise product of two branches is the only nonlinearity inside F. Modul
 shared by all forms so the symmetry toolkit can find them:
 
 - ``dw`` / ``bn_dw``: the 3x3 depthwise conv (n -> k n copies) and the BN after it;
-- ``coef``: the 1x1 conv that reads the stream u (the coefficient matrices C, or P1 and P2);
+- ``coef``: the 1x1 conv that reads the stream u (the coefficient matrices C, or P1 and P2),
+  ``bn_coef`` the BN after it (identity unless the spec asks for ``coef_bn``);
 - ``proj``: the 1x1 conv that writes the block's output (A), ``bn_out`` the BN after it;
 - ``shortcut``: identity, or a 1x1 conv + BN projection where width or stride change;
 - ``act``: the activation on the stream after the residual add (or identity);
@@ -48,15 +49,23 @@ class QLBlock(nn.Module):
     form = ""
 
     def __init__(self, n: int, m: int, stride: int, k: int, shared: bool, act: str,
-                 radius: float | None, drop_path: float = 0.0) -> None:
+                 radius: float | None, drop_path: float = 0.0, coef_bn: bool = False) -> None:
         super().__init__()
         self.n, self.m, self.stride, self.k = n, m, stride, k
+        self.coef_bn = coef_bn
         self.shortcut = Shortcut(n, m, stride) if (stride != 1 or n != m) else nn.Identity()
         self.act = create_act(act, m, radius)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def residual(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _bn_coef(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels) if self.coef_bn else nn.Identity()
+
+    def coefficients(self, u: torch.Tensor) -> torch.Tensor:
+        """bn_coef(coef(u)): the coefficient conv and its BN."""
+        return self.bn_coef(self.coef(u))
 
     def last_bn(self) -> nn.BatchNorm2d:
         """The BN whose scale is zero-initialised so the block starts as the identity."""
@@ -83,16 +92,17 @@ class Eq3Block(QLBlock):
 
     form = "eq3"
 
-    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
-        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0, coef_bn=False):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path, coef_bn)
         self.dw = DepthwiseConv3x3(n, k, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.coef = conv1x1(n, k * n, stride)
+        self.bn_coef = self._bn_coef(k * n)
         self.proj = conv1x1(k * n, m)
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        return self.bn_out(self.proj(self.dw_times(u, self.coef(u))))
+        return self.bn_out(self.proj(self.dw_times(u, self.coefficients(u))))
 
 
 class Eq4Block(QLBlock):
@@ -100,16 +110,17 @@ class Eq4Block(QLBlock):
 
     form = "eq4"
 
-    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
-        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0, coef_bn=False):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path, coef_bn)
         self.dw = DepthwiseConv3x3(n, k, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.coef = conv1x1(n, m, stride)
+        self.bn_coef = self._bn_coef(m)
         self.proj = conv1x1(k * n, m)
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        y, c = self.bn_dw(self.dw(u)), self.coef(u)
+        y, c = self.bn_dw(self.dw(u)), self.coefficients(u)
         if torch.jit.is_scripting():
             return self.bn_out(self.proj(y) * c)
         return self.bn_out(conv_mul(self.proj, y, c))
@@ -124,17 +135,18 @@ class Eq5Block(QLBlock):
 
     form = "eq5"
 
-    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
-        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0, coef_bn=False):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path, coef_bn)
         self.dw = DepthwiseConv3x3(n, k, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.coef = conv1x1(n, k * n, stride)
+        self.bn_coef = self._bn_coef(k * n)
 
     def last_bn(self):
         return self.bn_dw
 
     def residual(self, u):
-        p = self.dw_times(u, self.coef(u))
+        p = self.dw_times(u, self.coefficients(u))
         b, c, h, w = p.shape
         return p.reshape(b, self.m, c // self.m, h, w).sum(2)
 
@@ -144,17 +156,18 @@ class Eq6Block(QLBlock):
 
     form = "eq6"
 
-    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
-        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0, coef_bn=False):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path, coef_bn)
         self.coef = conv1x1(n, n)
+        self.bn_coef = self._bn_coef(n)
         self.dw = DepthwiseConv3x3(n, k, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.proj = conv1x1(k * n, m)
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        if torch.jit.is_scripting():
-            w = self.coef(u) * u
+        if torch.jit.is_scripting() or self.coef_bn:
+            w = self.coefficients(u) * u
         else:
             w = conv_mul(self.coef, u, u)
         return self.bn_out(self.proj(self.bn_dw(self.dw(w))))
@@ -165,16 +178,17 @@ class Eq7Block(QLBlock):
 
     form = "eq7"
 
-    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
-        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0, coef_bn=False):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path, coef_bn)
         self.coef = conv1x1(n, k * n)
+        self.bn_coef = self._bn_coef(k * n)
         self.dw = DepthwiseConv3x3(n, k, shared, stride, expand=False)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.proj = conv1x1(k * n, m)
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        c = self.coef(u)
+        c = self.coefficients(u)
         b, _, h, w = u.shape
         wjc = (u.unsqueeze(2) * c.reshape(b, self.n, self.k, h, w)).reshape(b, -1, h, w)
         return self.bn_out(self.proj(self.bn_dw(self.dw(wjc))))
@@ -190,17 +204,18 @@ class GLBlock(QLBlock):
 
     form = "glb"
 
-    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0):
-        super().__init__(n, m, stride, k, shared, act, radius, drop_path)
+    def __init__(self, n, m, stride, k, shared, act, radius, drop_path=0.0, coef_bn=False):
+        super().__init__(n, m, stride, k, shared, act, radius, drop_path, coef_bn)
         half = k * n // 2
         self.coef = conv1x1(n, 2 * half)
+        self.bn_coef = self._bn_coef(2 * half)
         self.dw = DepthwiseConv3x3(half, 2, shared, stride)
         self.bn_dw = nn.BatchNorm2d(k * n)
         self.proj = conv1x1(k * n, m)
         self.bn_out = nn.BatchNorm2d(m)
 
     def residual(self, u):
-        p1, p2 = self.coef(u).chunk(2, dim=1)
+        p1, p2 = self.coefficients(u).chunk(2, dim=1)
         return self.bn_out(self.proj(self.bn_dw(self.dw(p1 * p2))))
 
 

@@ -24,6 +24,21 @@ TABLE1: dict[str, tuple[str, float]] = {
 }
 
 
+def provenance(name: str) -> str:
+    """Where a registered model comes from, in a few words."""
+    from qlnas.models.spec import PRESETS, SIZES
+
+    if name in PRESETS:
+        return PRESETS[name].source
+    if name in SIZES:
+        return "generic size entry (spec fields as kwargs)"
+    if "_glb_" in name:
+        return "GL block: the block with the paper's GL(n) symmetry (qlnas)"
+    if name in TABLE1:
+        return f"paper, Table 1: {TABLE1[name][0]}"
+    return "paper's block equations, another activation or placement"
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -79,10 +79,14 @@ def _fuse_block(block: QLBlock) -> None:
         sc = block.shortcut
         sc.conv, sc.bn = fold_conv_bn(sc.conv, sc.bn), nn.Identity()
     block.dw, block.bn_dw = fold_conv_bn(block.dw, block.bn_dw), nn.Identity()
+    if isinstance(block.bn_coef, nn.BatchNorm2d):
+        block.coef, block.bn_coef = fold_conv_bn(block.coef, block.bn_coef), nn.Identity()
+        block.coef_bn = False
     if isinstance(block, Eq4Block):
         # bn_out(c * p) = (s c) * p + t: the scale goes into C, the shift after the product.
         s, t = bn_scale_shift(block.bn_out)
-        block.coef = _conv(block.coef.weight * s.view(-1, 1, 1, 1), None, block.coef)
+        bias = None if block.coef.bias is None else block.coef.bias * s
+        block.coef = _conv(block.coef.weight * s.view(-1, 1, 1, 1), bias, block.coef)
         block.bn_out = ChannelBias(t)
     elif isinstance(getattr(block, "bn_out", None), nn.BatchNorm2d):
         block.proj, block.bn_out = fold_conv_bn(block.proj, block.bn_out), nn.Identity()

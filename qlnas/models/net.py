@@ -79,10 +79,11 @@ class QLNet(nn.Module):
             blocks = []
             for i in range(depth):
                 stride = 2 if (i == 0 and s > 0) else 1
-                act = spec.act if (spec.act_at == "all" or (spec.act_at == "ds" and i == 0)) \
-                    else "none"
-                blocks.append(block_cls(n, m, stride, spec.expansion, spec.weight_sharing,
-                                        act, spec.act_radius, next(rates)))
+                projects = stride != 1 or n != m
+                act = spec.act if spec.act_here(s, i, projects) else "none"
+                blocks.append(block_cls(n, m, stride, spec.block_expansion(s, i),
+                                        spec.weight_sharing, act, spec.act_radius, next(rates),
+                                        coef_bn=spec.coef_bn))
                 n = m
             reduction *= 2 if s > 0 else 1
             stages.append(nn.Sequential(*blocks))

@@ -1,7 +1,8 @@
 """timm registration: `timm.create_model("qlnet50_eq3_softball_ds")` and the generic sizes.
 
 Every size preset gets a generic entry (``qlnet50``, ``qlnet26``, ...) that takes spec fields
-as kwargs, and one named entry per variant in `VARIANTS`. Besides spec fields, entries take
+as kwargs, one named entry per variant in `VARIANTS` and one per named preset in `PRESETS`
+(e.g. ``qlnet50_liu2023``, the authors' published network). Besides spec fields, entries take
 timm's model arguments (`VALID_ARGS`); any other keyword is an error that names it.
 """
 
@@ -14,7 +15,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 
 from qlnas.models.net import QLNet
-from qlnas.models.spec import SIZES, VARIANTS, ArchSpec, name_to_spec
+from qlnas.models.spec import PRESETS, SIZES, VARIANTS, ArchSpec, name_to_spec
 
 _SPEC_FIELDS = set(ArchSpec.__dataclass_fields__)
 # What `timm.create_model` hands an entry point besides spec fields: the model's own arguments
@@ -84,6 +85,9 @@ def _register_all() -> list[str]:
             name = f"{size}_{variant}"
             names.append(name)
             setattr(module, name, _make_entry(name, name_to_spec(name)))
+    for name in PRESETS:
+        names.append(name)
+        setattr(module, name, _make_entry(name, name_to_spec(name)))
     module.default_cfgs = generate_default_cfgs({name: _cfg() for name in names})
     for name in names:
         register_model(getattr(module, name))
