@@ -23,6 +23,9 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                         "(search.num_trials may grow)")
     p.add_argument("--out", default=None, help="search folder (default runs/search-<space>)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out")
+    p.add_argument("--add-trials", type=int, default=0, metavar="N",
+                   help="with --resume: N more trials than the search's budget (a finished "
+                        "search continues, its sampler informed by every trial so far)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address; 'local' starts a new local Ray (default: a "
                         "running cluster, else a local Ray)")
@@ -51,14 +54,37 @@ def run_search_cmd(args: argparse.Namespace) -> int:
         raise UserError("--space is needed (or --resume --out DIR, which reads DIR/space.yaml)")
     out = Path(args.out or f"runs/search-{Path(args.space).stem}")
     space = resolve_space(args.space) if args.space is not None else None
-    rows = run_search(space, out, resume=args.resume, address=args.address)
+    rows = run_search(space, out, resume=args.resume, address=args.address,
+                      add_trials=args.add_trials)
     print(format_rows(rows, "md"))
+    _print_skipped(rows)
     print(f"\nleaderboard: {out / 'leaderboard.md'} (and .csv)")
     print(f"Pareto plot: {out / 'pareto.png'}")
     if (out / "best_config.yaml").is_file():
         print(f"best config: {out / 'best_config.yaml'} (qlnas train --config ...)")
     print(f"TensorBoard: qlnas tensorboard {out}   (or tensorboard --logdir {out / 'trials'})")
+    _print_study(out)
     return _outcome(rows, out)
+
+
+def _print_study(out) -> None:
+    from qlnas.search.study import find_study_ref
+
+    ref = find_study_ref(out)
+    if ref is not None:
+        print(f"Optuna study: {ref.name!r} in {ref.storage}   (qlnas dashboard {out})")
+        print(f"  from Python: {ref.snippet()}")
+
+
+def _print_skipped(rows: list[dict]) -> None:
+    """What the constraints saved: infeasible configurations never trained."""
+    skipped = [r for r in rows if r["status"] == "infeasible"]
+    trained = [r["wall_s"] for r in rows if r["status"] in ("completed", "pruned", "diverged")]
+    if skipped:
+        saved = f"; about {len(skipped) * sum(trained) / len(trained):.0f} s of training " \
+            "saved at the mean trial's time" if trained else ""
+        print(f"\nconstraints: {len(skipped)} infeasible configurations skipped before any "
+              f"worker started{saved}")
 
 
 def _outcome(rows: list[dict], out) -> int:
@@ -66,7 +92,7 @@ def _outcome(rows: list[dict], out) -> int:
     import sys
 
     counts = {s: sum(r["status"] == s for r in rows) for s in
-              ("completed", "pruned", "diverged", "errored", "running")}
+              ("completed", "pruned", "diverged", "errored", "infeasible", "running")}
     errored = counts["errored"]
     where = f"see the error column of {out / 'leaderboard.md'}"
     if counts["completed"]:

@@ -7,8 +7,8 @@
   their resources (Ray 2.60). So the scheduler never returns STOP: it posts the decision on a
   `StopBoard` actor, the trial's workers poll it and end `fit` from inside, the trainer finishes
   and the trial frees its workers at once.
-- `QLOptunaSearch` tells Optuna a diverged or pruned trial as PRUNED (with its intermediate
-  values), so TPE ranks that region below every completed trial instead of ignoring it.
+- `QLOptunaSearch` (searcher.py) tells Optuna a diverged or pruned trial as PRUNED (with its
+  intermediate values), so TPE ranks that region below every completed trial.
 
 A trial's objective value is its metric at its last epoch (`report.objective_values`); every
 epoch's value reaches Optuna as an intermediate value, whatever the pruner. A trial that has
@@ -26,10 +26,9 @@ from pathlib import Path
 import optuna
 import ray
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from qlnas.fileio import atomic_write_json
-from qlnas.search.report import objective_values, read_history
+from qlnas.search.report import read_history
 
 log = logging.getLogger(__name__)
 
@@ -170,81 +169,6 @@ def trained_all_epochs(result: dict | None, max_epochs: int) -> bool:
         and int(result.get("epoch", 0)) >= max_epochs
 
 
-class QLOptunaSearch(OptunaSearch):
-    """OptunaSearch that reports every epoch, asks a pruner and tells each trial's outcome.
-
-    COMPLETE (with `objective_values`) for a trial that trained all its epochs; PRUNED for one
-    stopped earlier (by a pruner, or diverged); FAIL for one that errored.
-    """
-
-    def __init__(self, *args, pruner: optuna.pruners.BasePruner | None = None,
-                 max_epochs: int = 1, stops: StopRecords | None = None, **kwargs):
-        self._pruner = pruner  # read by _setup_study, which the base __init__ calls
-        self.max_epochs = max_epochs
-        self.stops = stops if stops is not None else StopRecords()
-        super().__init__(*args, **kwargs)
-
-    def _setup_study(self, mode):
-        super()._setup_study(mode)
-        if self._pruner is not None:
-            self._ot_study.pruner = self._pruner
-
-    @property
-    def metrics(self) -> list[str]:
-        return self.metric if isinstance(self.metric, list) else [self.metric]
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        pass  # the scheduler reports intermediate values (see report_and_ask)
-
-    def report_and_ask(self, trial_id: str, result: dict, step: int) -> bool:
-        """Report the objective at epoch `step` to Optuna; True when its pruner says prune.
-
-        Optuna keeps no intermediate values for two objectives; their curves stay in each
-        trial's metrics.csv.
-        """
-        if isinstance(self.metric, list) or trial_id not in self._ot_trials \
-                or trial_id in self._completed_trials or result.get("diverged"):
-            return False
-        value = result.get(self.metric)
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            return False
-        trial = self._ot_trials[trial_id]
-        if step not in trial.storage.get_trial(trial._trial_id).intermediate_values:
-            trial.report(float(value), step)
-        return self._pruner is not None and trial.should_prune()
-
-    def outcome(self, trial_id: str, result: dict | None, error: bool
-                ) -> tuple[optuna.trial.TrialState, list[float] | None]:
-        """The Optuna state and values of a finished trial."""
-        state = optuna.trial.TrialState
-        if error:
-            return state.FAIL, None
-        if trained_all_epochs(result, self.max_epochs):
-            values = objective_values(result, self.metrics)
-            return (state.COMPLETE, values) if values is not None else (state.FAIL, None)
-        if self.stops.get(trial_id) or (result and result.get("diverged")):
-            return state.PRUNED, None
-        return state.FAIL, None  # ended early, neither stopped nor diverged
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
-        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
-            return super().on_trial_complete(trial_id, result, error)
-        state, values = self.outcome(trial_id, result, error)
-        values = values if values is None or isinstance(self.metric, list) else values[0]
-        try:
-            self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
-        except RuntimeError as exc:
-            # Optuna's GridSampler stops the study once every grid point is done: told already
-            # (the state is set before), and the grid is over.
-            if "Study.stop" not in str(exc):
-                raise
-            log.info("optuna: every point of the grid has been tried")
-        except ValueError as exc:  # e.g. told before a driver restart: keep the first word
-            log.warning("optuna: trial %s: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
-
-
 class PruningScheduler(FIFOScheduler):
     """Stops diverged trials at once and poor ones by an Optuna pruner or ASHA, from inside.
 
@@ -258,7 +182,7 @@ class PruningScheduler(FIFOScheduler):
     and the stop decisions are read from the search's stop records.
     """
 
-    def __init__(self, board_name: str, searcher: QLOptunaSearch, metrics: list[str],
+    def __init__(self, board_name: str, searcher, metrics: list[str],
                  modes: list[str], pruner: str, grace_epochs: int, reduction_factor: int,
                  max_epochs: int, out: str | None = None) -> None:
         super().__init__()

@@ -21,7 +21,7 @@ from qlnas.tables import format_rows
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("completed", "pruned", "diverged", "errored", "running")
+STATUSES = ("completed", "pruned", "diverged", "errored", "infeasible", "running")
 DEFAULT_OBJECTIVE = {"metric": "val_top1", "mode": "max"}
 
 
@@ -81,11 +81,14 @@ def collect(out: Path) -> list[dict]:
     last epoch, see `objective_values`), then pruned, diverged, errored and running ones."""
     entries, objective = [], DEFAULT_OBJECTIVE
     order = {s: i for i, s in enumerate(STATUSES)}
+    optuna_trials = _optuna_trials(out)
     for path in sorted((out / "trials").glob("*/trial.json")):
         try:
             trial = json.loads(path.read_text())
         except (OSError, ValueError):
             log.warning("unreadable %s", path)
+            continue
+        if trial.get("status") == "continued":  # its Optuna trial continues in another one
             continue
         objective = (trial.get("objectives") or [objective])[0]
         source = trial.get("reused_from") or trial["trial_id"]  # a reused result: its source's
@@ -108,6 +111,11 @@ def collect(out: Path) -> list[dict]:
         }
         if objective["metric"] not in row:
             row[objective["metric"]] = round(value[0], 4) if value else None
+        ot = optuna_trials.get(trial["trial_id"])
+        if ot is None and trial.get("optuna_trial") is not None:
+            ot = optuna_trials.get(int(trial["optuna_trial"]))
+        if optuna_trials:
+            row["optuna"] = f"#{ot.number} {ot.state.name}" if ot is not None else ""
         row["error"] = (trial.get("error") or "").replace("|", "/")
         row["reused_from"] = trial.get("reused_from") or ""  # the same config: not trained again
         sign = -1.0 if objective["mode"] == "max" else 1.0
@@ -115,6 +123,22 @@ def collect(out: Path) -> list[dict]:
                          sign * value[0] if value else 0.0), row))
     entries.sort(key=lambda e: e[0])
     return [row for _, row in entries]
+
+
+def _optuna_trials(out: Path) -> dict:
+    """The search's Optuna trials by Tune trial id and by number ({} without a study)."""
+    from qlnas.search.study import find_study_ref, tune_trials
+
+    ref = find_study_ref(out)
+    if ref is None:
+        return {}
+    try:
+        study = ref.load()
+    except UserError as exc:
+        log.warning("%s", exc)
+        return {}
+    trials = study.get_trials(deepcopy=False)
+    return {**{t.number: t for t in trials}, **tune_trials(study)}
 
 
 def _round(value: float | None) -> float | None:

@@ -22,6 +22,9 @@ TUNE_NAME = "tune"
 def _sampler(space: SearchSpace):
     import optuna
 
+    if space.sampler is not None:
+        return space.sampler.build(optuna.samplers.BaseSampler, f"{space.path}: search.sampler",
+                                   seed=space.seed)
     if space.searcher == "random":
         return optuna.samplers.RandomSampler(seed=space.seed)
     if space.searcher == "grid":
@@ -36,14 +39,45 @@ def _sampler(space: SearchSpace):
                                       constant_liar=True, n_startup_trials=startup)
 
 
-def _connect(address: str | None) -> None:
+def _pruner(space: SearchSpace):
+    import optuna
+
+    from qlnas.search.pruning import make_pruner
+
+    if space.pruner is not None:
+        return space.pruner.build(optuna.pruners.BasePruner, f"{space.path}: pruning.pruner")
+    pr = space.pruning
+    return make_pruner(pr.pruner, pr.grace_epochs, pr.reduction_factor,
+                       int(space.fixed.get("epochs", 5)))
+
+
+def import_paths(modules: tuple[str, ...]) -> list[str]:
+    """The folders a worker needs on its path to import `modules` as the driver did (on a
+    cluster they must be on a filesystem every node shares)."""
+    import importlib
+
+    paths = []
+    for name in modules:
+        top = importlib.import_module(name.split(".")[0])
+        origin = Path(getattr(top, "__file__", None) or next(iter(top.__path__)))
+        root = origin.parent.parent if origin.name == "__init__.py" or origin.is_dir() \
+            else origin.parent
+        if str(root) not in paths:
+            paths.append(str(root))
+    return paths
+
+
+def _connect(address: str | None, paths: list[str] = ()) -> None:
     """Join the cluster at `address` ("local": always a new local Ray), else a running one on
-    this machine, else start one."""
+    this machine, else start one. `paths` go on the workers' PYTHONPATH (`imports:`)."""
     import ray
 
     if ray.is_initialized():
         return
     env = {"env_vars": {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}}
+    if paths:
+        env["env_vars"]["PYTHONPATH"] = os.pathsep.join(
+            [*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
@@ -56,12 +90,13 @@ def _connect(address: str | None) -> None:
 
 
 def run_search(space_path: str | Path | None, out: str | Path, resume: bool = False,
-               address: str | None = None) -> list[dict]:
+               address: str | None = None, add_trials: int = 0) -> list[dict]:
     """Run (or resume) the search of `space_path` into `out`; returns the leaderboard rows.
 
     The resolved space is stored in `out` (space.json, and the YAML as space.yaml); a resume
     reads it (`space_path` None) or checks that `space_path` is the same space, where only
-    `search.num_trials` may grow.
+    `search.num_trials` may grow; `add_trials` grows it by that many (a finished search
+    continues). The Optuna study lives in storage (study.py) from the first trial.
     """
     out = Path(out).resolve()
     tune_dir = out / TUNE_NAME
@@ -73,9 +108,17 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
         if not resume:
             raise UserError("--space is needed for a new search")
         space_path = out / SPACE_YAML
+    if add_trials and not resume:
+        raise UserError("--add-trials extends a search: pass --resume too")
+    if add_trials < 0:
+        raise UserError(f"--add-trials {add_trials}: expected a positive number")
     space = load_space(space_path)
     if resume:
         check_same_space(space, out)
+        stored = json.loads((out / SPACE_JSON).read_text())["num_trials"] \
+            if (out / SPACE_JSON).is_file() else space.num_trials
+        budget = max(space.num_trials, stored) + add_trials
+        space = dataclasses.replace(space, num_trials=budget)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard logs only
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not space.fixed.get("train_data"):
@@ -89,19 +132,17 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
 
     from qlnas.search.budget import BudgetedSearch, trial_budget
     from qlnas.search.cluster import ClusterLimiter, check_feasible
-    from qlnas.search.pruning import (
-        PruningScheduler,
-        QLOptunaSearch,
-        StopRecords,
-        create_board,
-        make_pruner,
-    )
+    from qlnas.search.pruning import PruningScheduler, StopRecords, create_board
     from qlnas.search.report import write_report
-    from qlnas.search.trial import TrialRecords, trial_driver
+    from qlnas.search.searcher import QLOptunaSearch
+    from qlnas.search.study import prepare_study, warm_start_trials
+    from qlnas.search.trial import ConfigFacts, TrialRecords, trial_driver
 
-    _connect(address)
+    warm = warm_start_trials(space) if not resume else []  # checked before anything is made
+    _connect(address, import_paths(space.imports))
     check_feasible(space.resources)
     out.mkdir(parents=True, exist_ok=True)
+    study = prepare_study(space.study_name, space.storage, out) if not resume else None
     store_space(space, out)
     board_name = "qlnas-board-" + hashlib.sha1(str(out).encode()).hexdigest()[:12]
     stops = StopRecords(str(out))
@@ -117,18 +158,24 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
         modes = [o.mode for o in space.objectives]
         epochs = int(space.fixed.get("epochs", 5))
         pr = space.pruning
+        grid = math.prod(len(v) for v in space.grid().values()) \
+            if space.searcher == "grid" else None
         searcher = QLOptunaSearch(
             space=_DefineByRun(space),
             metric=metrics if space.multi_objective else metrics[0],
             mode=modes if space.multi_objective else modes[0],
-            sampler=_sampler(space),
-            pruner=make_pruner(pr.pruner, pr.grace_epochs, pr.reduction_factor, epochs),
-            max_epochs=epochs, stops=stops)
+            sampler=_sampler(space), pruner=_pruner(space), max_epochs=epochs, stops=stops,
+            study_name=study.name, storage=study.open_storage(), out=str(out),
+            constraints=space.constraints,
+            facts_of=ConfigFacts(space) if space.constraints else None, grid_size=grid)
+        for params in space.enqueue:
+            searcher._ot_study.enqueue_trial(params, user_attrs={"enqueued": True})
+        if space.warm_start:
+            searcher._ot_study.add_trials(warm)
+            log.info("warm start: %d completed trials of earlier searches", len(warm))
         scheduler = PruningScheduler(board_name, searcher, metrics, modes, pr.pruner,
                                      pr.grace_epochs, pr.reduction_factor, epochs, out=str(out))
         # The limit follows the cluster (cluster.py); the budget may grow on resume (budget.py).
-        grid = math.prod(len(v) for v in space.grid().values()) \
-            if space.searcher == "grid" else None
         search_alg = BudgetedSearch(ClusterLimiter(searcher, space.resources),
                                     str(out / SPACE_JSON), grid)
         tuner = tune.Tuner(
@@ -187,6 +234,9 @@ def check_same_space(space: SearchSpace, out: Path) -> None:
                         f"below the search's {stored['num_trials']} (it may only grow)")
     stored["num_trials"] = given["num_trials"]
     stored["name"] = given["name"]  # a label (the file's name by default), not the search
+    for key in [k for k in given if k not in stored]:  # a setting newer than the search
+        if given[key] in (None, [], {}, "", given["name"]):  # at its default
+            del given[key]
     where = _first_difference(stored, given, "")
     if where is not None:
         key, was, now = where

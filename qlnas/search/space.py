@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qlnas.errors import UserError
 from qlnas.models.spec import ACT_AT, ACTS, FORMS
+from qlnas.search.plugins import Plugin, import_modules, parse_plugin
 from qlnas.train.config import TrainConfig, load_yaml
 
 ARCH_CHOICES: dict[str, tuple] = {
@@ -26,6 +27,8 @@ PRUNERS = ("none", "median", "hyperband", "asha")
 METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "params_m", "gmacs",
            "img_per_sec")
 DISTRIBUTIONS = ("uniform", "loguniform", "int")
+# Known from a configuration before any training (trial.py's model facts).
+CONSTRAINT_METRICS = ("params_m", "gmacs", "gmacs_224")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,27 @@ class Param:
             return trial.suggest_int(self.name, int(self.low), int(self.high))
         return trial.suggest_float(self.name, self.low, self.high, log=self.kind == "loguniform")
 
+    def distribution(self):
+        """The Optuna distribution `suggest` samples from."""
+        import optuna
+
+        if self.choices is not None:
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high))
+        return optuna.distributions.FloatDistribution(self.low, self.high,
+                                                      log=self.kind == "loguniform")
+
+    def contains(self, value: object) -> bool:
+        if self.choices is not None:
+            return any(type(value) is type(c) and value == c for c in self.choices) \
+                or (isinstance(value, float) and value in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind == "int" and not float(value).is_integer():
+            return False
+        return self.low <= value <= self.high
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -64,6 +88,26 @@ class Objective:
     """Reported metric to optimise."""
     mode: str = "max"
     """max or min."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A bound on a metric known before training (`CONSTRAINT_METRICS`)."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    def violation(self, value: float) -> float:
+        """Optuna's constraint value: how far outside the bound (<= 0: feasible)."""
+        over = [value - self.max] if self.max is not None else []
+        under = [self.min - value] if self.min is not None else []
+        return max(over + under)
+
+    def describe(self, value: float) -> str:
+        if self.max is not None and value > self.max:
+            return f"{self.metric} {value:.4g} > max {self.max:g}"
+        return f"{self.metric} {value:.4g} < min {self.min:g}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +155,22 @@ class SearchSpace:
     conditions: tuple[Condition, ...]
     resources: Resources = field(default_factory=Resources)
     pruning: Pruning = field(default_factory=Pruning)
+    sampler: Plugin | None = None
+    """A sampler class of the user's (`search.sampler: {class, kwargs}`; searcher 'custom')."""
+    pruner: Plugin | None = None
+    """A pruner class of the user's (`pruning.pruner: {class, kwargs}`; pruner 'custom')."""
+    storage: str | None = None
+    """Optuna storage URL of the study (None: a journal file in the search folder)."""
+    study_name: str = ""
+    """The study's name in its storage (default: the space's name)."""
+    enqueue: tuple[dict, ...] = ()
+    """Configurations evaluated first, in order (`search.enqueue`)."""
+    warm_start: tuple[str, ...] = ()
+    """Earlier search folders whose completed trials seed the new study."""
+    constraints: tuple[Constraint, ...] = ()
+    """Bounds checked when a configuration is sampled; an infeasible one is never trained."""
+    imports: tuple[str, ...] = ()
+    """Modules imported in the driver and in every worker before anything is built."""
 
     @property
     def multi_objective(self) -> bool:
@@ -166,7 +226,9 @@ class SearchSpace:
 
 _UNSET = object()
 _TOP_KEYS = ("name", "data", "fixed", "arch", "models", "recipe", "conditions", "search",
-             "pruning", "resources")
+             "pruning", "resources", "constraints", "imports")
+_SEARCH_KEYS = ("num_trials", "searcher", "sampler", "seed", "objectives", "storage",
+                "study_name", "enqueue", "warm_start")
 
 
 class _Checker:
@@ -240,6 +302,7 @@ def load_space(path: str | Path) -> SearchSpace:
     raw = load_yaml(path)
     c = _Checker(str(path))
     c.mapping(raw, "(top level)", _TOP_KEYS)
+    imports = _imports(c, raw.get("imports"))
     fixed = dict(c.mapping(raw.get("fixed"), "fixed"))
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for k in fixed:
@@ -288,14 +351,11 @@ def load_space(path: str | Path) -> SearchSpace:
         conditions.append(Condition({k: v if isinstance(v, list) else [v]
                                      for k, v in when.items()}, sets))
 
-    search = c.mapping(raw.get("search"), "search",
-                       ("num_trials", "searcher", "seed", "objectives"))
+    search = c.mapping(raw.get("search"), "search", _SEARCH_KEYS)
     num_trials = search.get("num_trials", 8)
     if not isinstance(num_trials, int) or num_trials < 1:
         raise c.fail("search.num_trials", f"{num_trials!r}: expected an integer >= 1")
-    searcher = search.get("searcher", "tpe")
-    if searcher not in SEARCHERS:
-        raise c.fail("search.searcher", f"{searcher!r}: expected one of {', '.join(SEARCHERS)}")
+    searcher, sampler = _sampler(c, search)
     seed = search.get("seed", 0)
     if not isinstance(seed, int):
         raise c.fail("search.seed", f"{seed!r}: expected an integer")
@@ -321,17 +381,116 @@ def load_space(path: str | Path) -> SearchSpace:
     for name in ("max_failures", "trial_retries"):
         if getattr(resources, name) < 0:
             raise c.fail(f"resources.{name}", f"{getattr(resources, name)}: expected >= 0")
-    pruning = c.dataclass(Pruning, raw.get("pruning"), "pruning")
-    if pruning.pruner not in PRUNERS:
+    raw_pruning = dict(c.mapping(raw.get("pruning"), "pruning"))
+    pruner = None
+    if isinstance(raw_pruning.get("pruner"), dict):
+        pruner = _plugin(c, raw_pruning["pruner"], "pruning.pruner", "optuna.pruners.BasePruner")
+        raw_pruning["pruner"] = "custom"
+    pruning = c.dataclass(Pruning, raw_pruning, "pruning")
+    if pruning.pruner not in PRUNERS + ("custom",) or (pruning.pruner == "custom"
+                                                        and pruner is None):
         raise c.fail("pruning.pruner", f"{pruning.pruner!r}: expected one of "
-                     f"{', '.join(PRUNERS)}")
-    if len(objectives) > 1 and pruning.pruner in ("median", "hyperband"):
+                     f"{', '.join(PRUNERS)}, or {{class: package.module.Pruner, kwargs: ...}}")
+    if len(objectives) > 1 and pruning.pruner in ("median", "hyperband", "custom"):
         raise c.fail("pruning.pruner", "Optuna pruners need a single objective; use asha")
-    space = SearchSpace(path=str(path), name=str(raw.get("name") or path.stem),
+    name = str(raw.get("name") or path.stem)
+    storage = search.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage):
+        raise c.fail("search.storage", f"{storage!r}: expected an Optuna storage URL such as "
+                     "sqlite:///runs/search.db, or a journal file's path")
+    study_name = search.get("study_name", name)
+    if not isinstance(study_name, str) or not study_name:
+        raise c.fail("search.study_name", f"{study_name!r}: expected a non-empty string")
+    warm = search.get("warm_start") or []
+    if not isinstance(warm, list) or not all(isinstance(w, str) and w for w in warm):
+        raise c.fail("search.warm_start", "expected a list of search folders")
+    space = SearchSpace(path=str(path), name=name,
                         num_trials=num_trials, searcher=searcher, seed=seed,
                         objectives=tuple(objectives), params=tuple(params), fixed=fixed,
                         fixed_arch=fixed_arch, conditions=tuple(conditions),
-                        resources=resources, pruning=pruning)
+                        resources=resources, pruning=pruning, sampler=sampler, pruner=pruner,
+                        storage=storage, study_name=study_name,
+                        enqueue=_enqueue(c, search.get("enqueue"), params),
+                        warm_start=tuple(str(Path(w).resolve()) for w in warm),
+                        constraints=_constraints(c, raw.get("constraints")), imports=imports)
     space.train_config({p.name: (p.choices[0] if p.choices else p.low) for p in params},
                        out="check")  # fixed settings must make a valid TrainConfig
     return space
+
+
+def _imports(c: _Checker, value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+        raise c.fail("imports", "expected a list of module names, e.g. [my_package.models]")
+    import_modules(tuple(value), f"{c.path}: imports")
+    return tuple(value)
+
+
+def _plugin(c: _Checker, value: object, key: str, base: str) -> Plugin:
+    """A class the user names, checked now: importable, of the right base, built."""
+    import optuna
+
+    plugin = parse_plugin(value, f"{c.path}: {key}", ())
+    base_cls = optuna.samplers.BaseSampler if base.endswith("Sampler") \
+        else optuna.pruners.BasePruner
+    plugin.build(base_cls, f"{c.path}: {key}")
+    return plugin
+
+
+def _sampler(c: _Checker, search: dict) -> tuple[str, Plugin | None]:
+    """`search.sampler` (a name or a class) or its older spelling `search.searcher`."""
+    if "sampler" in search and "searcher" in search:
+        raise c.fail("search.sampler", "give search.sampler or search.searcher, not both")
+    key = "search.sampler" if "sampler" in search else "search.searcher"
+    value = search.get("sampler", search.get("searcher", "tpe"))
+    if isinstance(value, dict):
+        return "custom", _plugin(c, value, key, "optuna.samplers.BaseSampler")
+    if value not in SEARCHERS:
+        raise c.fail(key, f"{value!r}: expected one of {', '.join(SEARCHERS)}, or "
+                     "{class: package.module.Sampler, kwargs: {...}}")
+    return value, None
+
+
+def _constraints(c: _Checker, value: object) -> tuple[Constraint, ...]:
+    out = []
+    for metric, bounds in c.mapping(value, "constraints").items():
+        key = f"constraints.{metric}"
+        if metric not in CONSTRAINT_METRICS:
+            raise c.fail(key, f"unknown constraint metric (known before training: "
+                         f"{', '.join(CONSTRAINT_METRICS)})")
+        bounds = c.mapping(bounds, key, ("min", "max"))
+        if not bounds:
+            raise c.fail(key, "expected {max: VALUE} and/or {min: VALUE}")
+        for k, v in bounds.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise c.fail(f"{key}.{k}", f"{v!r}: expected a number")
+        if "min" in bounds and "max" in bounds and bounds["min"] > bounds["max"]:
+            raise c.fail(key, f"min {bounds['min']} is above max {bounds['max']}")
+        out.append(Constraint(metric, *(None if bounds.get(k) is None else float(bounds[k])
+                                        for k in ("min", "max"))))
+    return tuple(out)
+
+
+def _enqueue(c: _Checker, value: object, params: list[Param]) -> tuple[dict, ...]:
+    """Configurations to evaluate first: each a mapping of sampled parameters to values in
+    their choices or ranges (parameters left out are sampled)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise c.fail("search.enqueue", "expected a list of {parameter: value} mappings")
+    by_name = {p.name: p for p in params}
+    out = []
+    for i, entry in enumerate(value):
+        entry = c.mapping(entry, f"search.enqueue[{i}]")
+        for k, v in entry.items():
+            if k not in by_name:
+                raise c.fail(f"search.enqueue[{i}].{k}", "not a sampled parameter (sampled: "
+                             f"{', '.join(by_name)})")
+            if not by_name[k].contains(v):
+                p = by_name[k]
+                where = f"{list(p.choices)}" if p.choices is not None \
+                    else f"[{p.low:g}, {p.high:g}]"
+                raise c.fail(f"search.enqueue[{i}].{k}", f"{v!r} is outside {where}")
+        out.append(dict(entry))
+    return tuple(out)

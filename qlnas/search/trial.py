@@ -15,6 +15,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from qlnas.errors import UserError
 from qlnas.fileio import atomic_write_json
+from qlnas.search.plugins import import_modules
 from qlnas.search.pruning import StopRecords
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def worker_loop(cfg: dict) -> None:
     dist = DistInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                     local_rank=ctx.get_local_rank(), local_world_size=ctx.get_local_world_size(),
                     device=device, owns_group=False)
+    import_modules(tuple(cfg["imports"]), "imports")  # model families a space plugs in
     config = TrainConfig.from_dict(cfg["train"], source=f"trial {cfg['trial_id']}")
     extra = cfg["facts"]
 
@@ -66,6 +68,7 @@ def trial_driver(params: dict, settings: dict) -> None:
     """
     trial_id = ray.tune.get_context().get_trial_id()
     space = settings["space"]
+    import_modules(space.imports, f"{space.path}: imports")
     root = Path(settings["out"])
     out = root / "trials" / trial_id
     previous = _previous_record(out)
@@ -169,7 +172,7 @@ def _build_trainer(train_cfg, trial_id: str, settings: dict, facts: dict):
         worker_loop,
         train_loop_config={"train": train_cfg.to_dict(), "trial_id": trial_id,
                            "board": settings["board"], "cpus_per_worker": res.cpus_per_worker,
-                           "facts": facts},
+                           "facts": facts, "imports": list(settings["space"].imports)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}),
@@ -214,15 +217,44 @@ def _previous_record(out: Path) -> dict:
 def _model_facts(train_cfg, world_size: int) -> tuple[dict | None, dict]:
     """Spec and facts (parameters in M, GMACs at the trial's resolution and at 224 px) of a
     trial's model, its config checked as `fit` checks it, before any worker starts."""
-    from qlnas.models.complexity import count_macs, count_params
     from qlnas.train.fit import validate
 
     *_, model = validate(train_cfg, world_size)
+    return _facts(model, train_cfg.resolution)
+
+
+def _facts(model, resolution: int) -> tuple[dict | None, dict]:
+    from qlnas.models.complexity import count_macs, count_params
+
     spec = getattr(model, "spec", None)
     facts = {"params_m": count_params(model) / 1e6,
-             "gmacs": count_macs(model, train_cfg.resolution) / 1e9,
+             "gmacs": count_macs(model, resolution) / 1e9,
              "gmacs_224": count_macs(model, 224) / 1e9}
     return (spec.to_dict() if spec is not None else None), facts
+
+
+class ConfigFacts:
+    """For the driver's searcher: the model name, spec and facts of a sampled configuration,
+    known before anything trains (what search constraints bound). UserError when the
+    configuration is invalid."""
+
+    def __init__(self, space) -> None:
+        self.space = space
+        self._classes: dict[str, int] = {}
+
+    def __call__(self, params: dict) -> tuple[str, dict | None, dict]:
+        from qlnas.data import read_classes
+        from qlnas.train.fit import build_model, resolve_data
+
+        config = self.space.train_config(params, out="facts")
+        train, _ = resolve_data(config)
+        if str(train) not in self._classes:
+            self._classes[str(train)] = len(read_classes(train))
+        model = build_model(config, self._classes[str(train)])
+        return (config.model, *_facts(model, config.resolution))
+
+    def __getstate__(self) -> dict:
+        return {"space": self.space, "_classes": {}}
 
 
 class TrialRecords(ray.tune.Callback):

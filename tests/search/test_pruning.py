@@ -14,7 +14,8 @@ import optuna
 import pytest
 
 from qlnas.search import pruning
-from qlnas.search.pruning import PruningScheduler, QLOptunaSearch, make_pruner
+from qlnas.search.pruning import PruningScheduler, make_pruner
+from qlnas.search.searcher import QLOptunaSearch
 from tests.search.test_search import FIXED, study_trials
 
 State = optuna.trial.TrialState

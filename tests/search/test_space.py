@@ -54,6 +54,28 @@ BASE = "fixed: {epochs: 1, warmup_epochs: 0}\narch:\n  form: [eq3, eq4]\n"
     (BASE + "pruning: {pruner: sometimes}\n", "pruning.pruner: 'sometimes'"),
     ("fixed: {epochs: 1, warmup_epochs: 0}\n", "arch: nothing to search"),
     (BASE + "resources: {trial_retries: -1}\n", "resources.trial_retries: -1: expected >= 0"),
+    (BASE + "search:\n  sampler: {class: optuna.samplers.NoSuchSampler}\n",
+     "search.sampler.class: module 'optuna.samplers' has no 'NoSuchSampler'"),
+    (BASE + "search:\n  sampler: {class: no_such_package.Sampler}\n",
+     "search.sampler.class: cannot import 'no_such_package'"),
+    (BASE + "search:\n  sampler: {class: optuna.pruners.MedianPruner}\n",
+     "search.sampler.class: optuna.pruners.MedianPruner is not a subclass of "
+     "optuna.samplers.BaseSampler"),
+    (BASE + "search:\n  sampler: {class: optuna.samplers.TPESampler, kwargs: {colour: 1}}\n",
+     "search.sampler.kwargs: optuna.samplers.TPESampler refused them"),
+    (BASE + "search: {sampler: tpe, searcher: grid}\n", "search.sampler: give search.sampler"),
+    (BASE + "pruning:\n  pruner: {class: optuna.samplers.TPESampler}\n",
+     "pruning.pruner.class: optuna.samplers.TPESampler is not a subclass of "
+     "optuna.pruners.BasePruner"),
+    (BASE + "constraints:\n  latency_ms: {max: 3}\n",
+     "constraints.latency_ms: unknown constraint metric (known before training: params_m"),
+    (BASE + "constraints:\n  params_m: {most: 3}\n", "constraints.params_m.most: unknown key"),
+    (BASE + "search:\n  enqueue: [{form: eq5}]\n",
+     "search.enqueue[0].form: 'eq5' is outside ['eq3', 'eq4']"),
+    (BASE + "search:\n  enqueue: [{act: relu}]\n",
+     "search.enqueue[0].act: not a sampled parameter"),
+    (BASE + "imports: [no_such_module_here]\n",
+     "imports[0]: cannot import 'no_such_module_here' (ModuleNotFoundError"),
 ])
 def test_invalid_space_names_file_and_key(tmp_path, text, message):
     path = _write(tmp_path, text)
@@ -79,3 +101,16 @@ def test_trial_retries_default_to_none(tmp_path):
     assert load_space(_write(tmp_path, BASE)).resources.trial_retries == 0
     path = _write(tmp_path, BASE + "resources: {trial_retries: 2}\n")
     assert load_space(path).resources.trial_retries == 2
+
+
+def test_plugged_in_sampler_and_pruner_classes_are_built(tmp_path):
+    from qlnas.search.run import _pruner, _sampler
+
+    path = _write(tmp_path, BASE + "search:\n  seed: 3\n  sampler:\n"
+                  "    class: optuna.samplers.QMCSampler\n    kwargs: {scramble: true}\n"
+                  "pruning:\n  pruner:\n    class: optuna.pruners.PercentilePruner\n"
+                  "    kwargs: {percentile: 25.0}\n")
+    space = load_space(path)
+    sampler, pruner = _sampler(space), _pruner(space)
+    assert isinstance(sampler, optuna.samplers.QMCSampler) and sampler._seed == 3
+    assert isinstance(pruner, optuna.pruners.PercentilePruner) and pruner._percentile == 25.0
