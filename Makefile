@@ -6,23 +6,35 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 SYS_PKGS := g++ pkg-config libopencv-dev libturbojpeg0-dev rsync openssh-client openssh-server libjemalloc2
 SYS_STAMP := $(VENV)/.sys-ok
+TEST_SYS_PKGS := chromium
+TEST_SYS_STAMP := $(VENV)/.test-sys-ok
 VENV_STAMP := $(VENV)/.deps-ok
 
 .PHONY: setup demo test bench lint clean
 
 setup: $(VENV_STAMP)
 
-# System packages FFCV and the cluster tests need; sudo when not root.
+# Install the Debian packages in $(1) that are missing (sudo when not root), then touch $@.
+define apt_install
+@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+if [ -n "$$missing" ]; then \
+  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; \
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+  else echo "error: missing system packages:$$missing (run 'apt-get install -y$$missing' as root)" >&2; exit 1; fi; \
+  echo "installing system packages:$$missing"; \
+  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+fi
+@mkdir -p $(VENV) && touch $@
+endef
+
+# System packages FFCV and the cluster tests need.
 $(SYS_STAMP):
-	@missing=""; for p in $(SYS_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; \
-	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	  else echo "error: missing system packages:$$missing (run 'apt-get install -y$$missing' as root)" >&2; exit 1; fi; \
-	  echo "installing system packages:$$missing"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
-	fi
-	@mkdir -p $(VENV) && touch $@
+	$(call apt_install,$(SYS_PKGS))
+
+# Test-only system packages: Chromium renders the optuna-dashboard page headless
+# (tests/search/test_dashboard.py). `make demo` does not need them.
+$(TEST_SYS_STAMP): $(SYS_STAMP)
+	$(call apt_install,$(TEST_SYS_PKGS))
 
 $(VENV_STAMP): $(SYS_STAMP) pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,7 +49,7 @@ $(VENV_STAMP): $(SYS_STAMP) pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/qlnas demo
 
-test: setup
+test: setup $(TEST_SYS_STAMP)
 	$(BIN)/ruff check qlnas tests bench search.py
 	$(BIN)/python -m pytest -q tests
 

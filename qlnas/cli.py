@@ -19,6 +19,7 @@ COMMANDS = (
     "qlnas.search.cli",
     "qlnas.symmetry.cli",
     "qlnas.search.tb",
+    "qlnas.search.dashboard",
     "qlnas.bench_cli",
     "qlnas.demo",
 )
