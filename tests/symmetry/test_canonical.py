@@ -1,6 +1,7 @@
 """Canonicalisation: copies of one model moved by different group elements come out equal."""
 
 import pytest
+import timm
 import torch
 
 from qlnas.cli import main
@@ -66,7 +67,14 @@ def test_cli_canonicalize_writes_plain_file(tmp_path, capsys):
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert relative_change(loaded(x), model(x)) < 1e-10
-    # load_model_file builds a float32 model: the same function to float32 precision.
-    loaded32, _ = load_model_file(out)
+    # load_model_file builds the model in the file's dtype: float64, so nothing is rounded.
+    loaded64, _ = load_model_file(out)
+    assert loaded64.fc.weight.dtype == torch.float64
     with torch.no_grad():
-        assert relative_change(loaded32.eval()(x.float()).double(), model(x)) < 1e-4
+        assert relative_change(loaded64.eval()(x), model(x)) < 1e-10
+    # timm builds a float32 model: the same function to float32 precision.
+    loaded32 = timm.create_model("qlnet26n", checkpoint_path=str(out), num_classes=10,
+                                 **{k: v for k, v in data["spec"].items()
+                                    if k not in ("num_classes",)}).eval()
+    with torch.no_grad():
+        assert relative_change(loaded32(x.float()).double(), model(x)) < 1e-4
