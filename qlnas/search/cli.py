@@ -10,9 +10,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_search_arguments(p)
     p.set_defaults(func=run_search_cmd)
 
-    r = sub.add_parser("report", help="leaderboard, Pareto plot and best config of a search")
+    r = sub.add_parser("report", help="leaderboard, plots and best config of a search")
     r.add_argument("dir", help="the search folder (--out of qlnas search)")
     r.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    r.add_argument("--pareto", default=None, metavar="Y,X",
+                   help="the Pareto plot's two metrics, e.g. val_top1,gmacs (default: the "
+                        "search's two objectives, else val_top1,params_m)")
     r.set_defaults(func=run_report_cmd)
 
 
@@ -107,9 +110,16 @@ def _outcome(rows: list[dict], out) -> int:
 
 
 def run_report_cmd(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
     from qlnas.search.report import write_report
     from qlnas.tables import format_rows
 
-    rows = write_report(args.dir)
+    rows = write_report(args.dir, pareto=args.pareto)
     print(format_rows(rows, args.format))
+    stream = sys.stdout if args.format == "md" else sys.stderr  # csv, json: stdout parses
+    for name, what in (("pareto.png", "Pareto plot"), ("curves.png", "learning curves")):
+        if (Path(args.dir) / name).is_file():
+            print(f"{what}: {Path(args.dir) / name}", file=stream)
     return 0

@@ -1,4 +1,4 @@
-"""Search results from the files under a search folder: leaderboard, Pareto plot, best config.
+"""Search results from the files under a search folder: leaderboard, plots, best config.
 
 Works at any time (during or after a search, without Ray): every trial keeps
 ``trials/<id>/trial.json`` (spec, status, times) and its run folder (metrics.csv, result.json).
@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from qlnas.errors import UserError
-from qlnas.fileio import atomic_path, atomic_write_text
+from qlnas.fileio import atomic_write_text
 from qlnas.tables import format_rows
 
 log = logging.getLogger(__name__)
@@ -149,61 +149,52 @@ def _fmt(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Completed trials not beaten by another on both accuracy (max) and parameters (min)."""
-    done = [r for r in rows if r["status"] == "completed" and r["val_top1"] is not None]
-    front = []
-    for r in done:
-        dominated = any(o["val_top1"] >= r["val_top1"] and o["params_m"] <= r["params_m"]
-                        and (o["val_top1"] > r["val_top1"] or o["params_m"] < r["params_m"])
-                        for o in done)
-        if not dominated:
-            front.append(r)
-    return sorted(front, key=lambda r: r["params_m"])
+def _objectives(out: Path) -> list[dict]:
+    """The search's objectives ({metric, mode}) from space.json, else from a trial's record."""
+    records = [out / "space.json", *sorted((out / "trials").glob("*/trial.json"))[:1]]
+    for path in records:
+        try:
+            objectives = json.loads(path.read_text()).get("objectives")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if objectives:
+            return objectives
+    return [DEFAULT_OBJECTIVE]
 
 
-def plot_pareto(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"completed": "tab:blue", "pruned": "tab:gray", "diverged": "tab:red",
-              "errored": "black", "running": "tab:orange"}
-    for status, color in colors.items():
-        pts = [r for r in rows if r["status"] == status and r["params_m"] is not None]
-        if pts:
-            ax.scatter([r["params_m"] for r in pts], [r["val_top1"] or 0.0 for r in pts],
-                       c=color, label=f"{status} ({len(pts)})", alpha=0.8)
-    front = pareto_front(rows)
-    if front:
-        ax.plot([r["params_m"] for r in front], [r["val_top1"] for r in front], "-",
-                c="tab:green", label="Pareto front")
-        for r in front:
-            ax.annotate(r["model"], (r["params_m"], r["val_top1"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("val top-1 (last epoch)")
-    ax.set_title(f"{len(rows)} trials: accuracy vs parameters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+def _histories(out: Path, rows: list[dict]) -> dict[str, list[dict]]:
+    """Each row's epochs (typed); a reused result's are its source's."""
+    return {r["trial"]: read_history(out / "trials" / (r["reused_from"] or r["trial"]) / "run",
+                                     typed=True) for r in rows}
 
 
-def write_report(out: str | Path) -> list[dict]:
-    """Write leaderboard.md/.csv, pareto.png and best_config.yaml; return the rows."""
+def write_plots(out: Path, rows: list[dict], pareto: str | None = None) -> list[Path]:
+    """pareto.png (the front over `pareto`'s two metrics, see `plots.pareto_axes`) and
+    curves.png (every trial's val top-1 by epoch); their paths."""
+    from qlnas.search import plots
+
+    x, y = plots.pareto_axes(pareto, _objectives(out))
+    histories = _histories(out, rows)
+    points = [{**(histories[r["trial"]] or [{}])[-1],  # every metric at the last epoch
+               **{k: v for k, v in r.items() if v is not None}} for r in rows]
+    return [plots.plot_pareto(points, x, y, out / "pareto.png"),
+            plots.plot_curves(rows, histories, out / "curves.png")]
+
+
+def write_report(out: str | Path, pareto: str | None = None) -> list[dict]:
+    """Write leaderboard.md/.csv, pareto.png and curves.png (`write_plots`; `pareto`: its two
+    metrics, "Y,X") and best_config.yaml; return the rows."""
+    from qlnas.search.plots import pareto_axes
+
     out = Path(out)
     if not (out / "trials").is_dir():
         raise UserError(f"{out}: no search results here (no trials/ folder)")
+    pareto_axes(pareto, _objectives(out))  # a bad --pareto: before anything is written
     rows = collect(out)
     atomic_write_text(format_rows(rows, "md") + "\n", out / "leaderboard.md")
     atomic_write_text(format_rows(rows, "csv") + "\n", out / "leaderboard.csv")
     if rows:
-        plot_pareto(rows, out / "pareto.png")
+        write_plots(out, rows, pareto)
     best = next((r for r in rows if r["status"] == "completed"), None)
     if best is not None:  # the leaderboard's first row: the best objective at the last epoch
         trial = json.loads((out / "trials" / best["trial"] / "trial.json").read_text())
