@@ -100,6 +100,9 @@ def run_verify(args: argparse.Namespace) -> int:
     for s in streams:
         tie = "; permutation tied across streams (eq5)" if s.tied else ""
         print(f"  {s.name} ({s.width}): {s.group}: {'; '.join(s.reasons)}{tie}")
+    if getattr(model.spec, "coef_bn", False):
+        print("  coef_bn: the BN after each coefficient conv acts on the block's internal "
+              "channels (it folds into that conv's rows and a bias); it cuts no group")
     broken = [r.stream for r in rows if not r.holds]
     if not broken:
         print(f"every stream: the group holds (relative change < {EXACT:g})")

@@ -5,7 +5,9 @@ affine map with identity statistics (running_mean 0, running_var 1 - eps), and w
 follows a conv that writes a stream its scale moves into the conv's rows, leaving only the
 bias: a transform T that mixes stream channels then acts on the conv rows and on that bias.
 The BN after the 3x3 depthwise conv keeps its per-channel scale (a shared 3x3 kernel cannot
-absorb it); it lies inside the block and never mixes stream channels.
+absorb it); it lies inside the block and never mixes stream channels. The BN after the
+coefficient conv (``bn_coef``) gives its scale to that conv's rows and keeps its bias: it acts
+on the block's internal channels, which a change of variables on the stream only relabels.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def fold_bn(model: QLNet) -> QLNet:
     for mod in model.modules():
         if isinstance(mod, nn.BatchNorm2d):
             affine_bn(mod)
+    for mod in model.modules():
+        if isinstance(getattr(mod, "bn_coef", None), nn.BatchNorm2d):
+            fold_scale(mod.coef, mod.bn_coef)  # rows of coef: its bias stays in bn_coef
+            if isinstance(mod, Eq4Block):  # bn_out's scale goes into coef below: and its bias
+                mod.bn_coef.bias.mul_(mod.bn_out.weight)
     for conv, bn in writer_pairs(model):
         fold_scale(conv, bn)
     return model

@@ -97,18 +97,34 @@ def _shortcut(block: nn.Module, t_in: _Side, t_out: _Side) -> None:
         bn.bias.copy_(t_out.t @ bn.bias)
 
 
+def _coef(block: nn.Module, t_in: _Side) -> torch.Tensor:
+    """coef T^-1, with the bias of a folded ``bn_coef`` as one more column: the row operations
+    below act on both."""
+    coef = _mat(block.coef) @ t_in.inv
+    if isinstance(block.bn_coef, nn.BatchNorm2d):
+        coef = torch.cat([coef, block.bn_coef.bias.unsqueeze(1)], dim=1)
+    return coef
+
+
+def _set_coef(block: nn.Module, coef: torch.Tensor) -> None:
+    n = block.coef.weight.shape[1]
+    _set_mat(block.coef, coef[:, :n])
+    if isinstance(block.bn_coef, nn.BatchNorm2d):
+        block.bn_coef.bias.copy_(coef[:, n])
+
+
 def _block(block: nn.Module, t_in: _Side, t_out: _Side) -> None:
     _shortcut(block, t_in, t_out)
     form = block.form
-    coef = _mat(block.coef) @ t_in.inv
+    coef = _coef(block, t_in)
     if form == "glb":
-        _set_mat(block.coef, coef)
+        _set_coef(block, coef)
         _set_mat(block.proj, t_out.t @ _mat(block.proj))
     elif form in ("eq3", "eq6", "eq7"):
         q = _internal(block, t_in)
         if q is not None:
             coef = _place(coef, t_in.perm if form == "eq6" else q)
-        _set_mat(block.coef, coef)
+        _set_coef(block, coef)
         proj = t_out.t @ _mat(block.proj)
         _set_mat(block.proj, proj if q is None else _place(proj, q, dim=1))
     elif form == "eq4":
@@ -119,7 +135,7 @@ def _block(block: nn.Module, t_in: _Side, t_out: _Side) -> None:
             proj = _place(proj, t_out.perm)
         else:
             coef = t_out.t @ coef
-        _set_mat(block.coef, coef)
+        _set_coef(block, coef)
         _set_mat(block.proj, proj)
     elif form == "eq5":
         _eq5(block, coef, t_in, t_out)
@@ -144,10 +160,10 @@ def _eq5(block: nn.Module, coef: torch.Tensor, t_in: _Side, t_out: _Side) -> Non
                 dw.weight.copy_(_place(dw.weight, q))
             bn.weight.copy_(_place(bn.weight * e / d, q))
             bn.bias.copy_(_place(bn.bias * e, q))
-            _set_mat(block.coef, _place(coef, q))
+            _set_coef(block, _place(coef, q))
             return
     q = _internal(block, t_in)
-    _set_mat(block.coef, coef if q is None else _place(coef, q))
+    _set_coef(block, coef if q is None else _place(coef, q))
 
 
 @torch.no_grad()
