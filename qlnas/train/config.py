@@ -31,7 +31,13 @@ class TrainConfig:
     model: str = "qlnet26n_eq3_softball_ds"
     """timm model name (any registered qlnet*, or a timm baseline such as resnet50)."""
     arch: dict = field(default_factory=dict)
-    """ArchSpec field overrides for qlnet models, e.g. {form: eq4, act: hardball}."""
+    """ArchSpec field overrides for qlnet models, e.g. {form: eq4, act: hardball}; for another
+    model (a family a search imports), its own keyword arguments."""
+    init_from: str | None = None
+    """Model file whose weights start the run (weights only: a fresh optimizer, schedule and
+    epoch count); the classifier stays freshly initialised when its class count differs.
+    Convert the authors' checkpoints with `qlnas convert` first. A resume takes the weights
+    from its checkpoint instead."""
     train_data: str | None = None
     """Train .beton file; None: the embedded digits dataset."""
     val_data: str | None = None
@@ -172,6 +178,9 @@ class TrainConfig:
             raise bad("export", "model or best when ema_decay is 0 (there is no EMA)")
         if not isinstance(self.arch, dict):
             raise bad("arch", "a mapping of ArchSpec fields")
+        if self.init_from is not None and (not isinstance(self.init_from, str)
+                                           or not self.init_from.strip()):
+            raise bad("init_from", "the path of a model file, or None")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -55,11 +55,10 @@ def resolve_data(config: TrainConfig) -> tuple[Path, Path]:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    """The timm model the config names, with its spec overrides."""
+    """The timm model the config names, with its spec overrides (for a model that is not a
+    qlnet, `arch` holds its own keyword arguments: a family a search space imports)."""
     if not timm.is_model(config.model):
         raise UserError(f"model: unknown model {config.model!r} (see `qlnas models`)")
-    if config.arch and not config.model.startswith("qlnet"):
-        raise UserError(f"arch: overrides apply to qlnet* models only, not {config.model!r}")
     try:
         return timm.create_model(config.model, num_classes=num_classes,
                                  drop_rate=config.drop_rate,
@@ -86,7 +85,22 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
     for path in (train, val):
         open_beton(path)  # a damaged file: one line, before any process starts
     num_classes = len(read_classes(train))
-    return train, val, num_classes, build_model(config, num_classes)
+    model = build_model(config, num_classes)
+    if config.init_from is not None:
+        init_weights(model, config.init_from)
+    return train, val, num_classes, model
+
+
+def init_weights(model: nn.Module, path: str) -> None:
+    """`init_from`: the file's weights, the classifier fresh when its class count differs."""
+    from qlnas.models.io import init_from_file
+
+    try:
+        head = init_from_file(model, path)
+    except UserError as exc:
+        raise UserError(f"init_from: {exc}") from None
+    log.info("weights from %s%s", path, "" if head else " (a fresh classifier: another "
+             "class count)")
 
 
 def _data_mode(config: TrainConfig, ckpt: dict | None) -> str:
