@@ -70,8 +70,9 @@ def _beats(a: dict, b: dict, axes: tuple[Axis, Axis]) -> bool:
 
 
 def pareto_front(points: list[dict], x: Axis, y: Axis) -> list[dict]:
-    """The completed trials no other completed trial dominates on (x, y), sorted by x."""
-    done = [p for p in points if p["status"] == "completed"
+    """The completed trials no other completed trial dominates on (x, y), sorted by x (a
+    reused result is its source's model, already there)."""
+    done = [p for p in points if p["status"] == "completed" and not p.get("reused_from")
             and value(p, x.metric) is not None and value(p, y.metric) is not None]
     front = [p for p in done if not any(_beats(o, p, (x, y)) for o in done)]
     return sorted(front, key=lambda p: (p[x.metric], p[y.metric]))

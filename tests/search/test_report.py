@@ -55,11 +55,11 @@ def test_a_minimised_objective_ranks_lowest_first(tmp_path):
 
 # The plots (qlnas/search/plots.py): the Pareto staircase over any two metrics, learning curves.
 
-def _measured(out, trial_id, status, top1, params_m, gmacs, objectives=None):
+def _measured(out, trial_id, status, top1, params_m, gmacs, objectives=None, **extra):
     _trial(out, trial_id, status, top1=top1, objectives=objectives)
     path = out / "trials" / trial_id / "trial.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "params_m": params_m,
-                                "gmacs": gmacs}))
+                                "gmacs": gmacs, **extra}))
 
 
 @pytest.fixture
@@ -97,9 +97,10 @@ def test_pareto_plot_is_the_staircase_of_the_completed_non_dominated_trials(tmp_
     from qlnas.search import plots
 
     _search(tmp_path)
+    _measured(tmp_path, "b2", "completed", (), 2.0, 0.2, reused_from="b")  # b's result again
     write_report(tmp_path)  # default axes: val_top1 (max) against params_m (min)
     line = _front_line(figures["pareto.png"])
-    assert line.get_xydata().tolist() == [[1.0, 0.6], [2.0, 0.7], [4.0, 0.8]]  # not c, not p
+    assert line.get_xydata().tolist() == [[1.0, 0.6], [2.0, 0.7], [4.0, 0.8]]  # not c, p, b2
     # x minimised: each point holds its accuracy rightwards until a bigger model beats it
     assert line.get_drawstyle() == "steps-post"
     steps = [(1.0, 0.6), (2.0, 0.6), (2.0, 0.7), (4.0, 0.7), (4.0, 0.8)]
