@@ -70,6 +70,11 @@ def test_cli_on_a_converted_float64_file(tmp_path, capsys, converted):
     assert meta["model_name"] == "qlnet50_liu2023" and count_zeros(compressed) >= 171_584
     with torch.no_grad():
         assert relative_change(compressed(X), converted(X)) < 1e-12
+    canon = tmp_path / "canon.pt"
+    assert main(["symmetry", "canonicalize", str(src), "--out", str(canon), "--size", "32"]) == 0
+    assert "stage4 (o)" in capsys.readouterr().out
+    with torch.no_grad():
+        assert relative_change(load_model_file(canon)[0].eval()(X), converted(X)) < 1e-12
 
 
 @pytest.mark.parametrize("form", FORMS)
