@@ -34,10 +34,12 @@ def open_study(folder: str | Path):
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{folder / STUDY_JSON}: expected JSON with study_name and storage") \
             from None
-    path = ref.storage[len("sqlite:///"):] if ref.storage.startswith("sqlite:///") else None
+    path = None  # a file the storage must already be (opening it would create an empty one)
     if ref.is_journal:
         path = ref.storage
-    if path is not None and not Path(path).is_file():  # opening it would create an empty one
+    elif ref.storage.startswith("sqlite:///"):
+        path = ref.storage[len("sqlite:///"):]
+    if path is not None and not Path(path).is_file():
         raise UserError(f"{folder / STUDY_JSON}: storage {ref.storage}: no such file")
     return ref, ref.load()
 

@@ -179,6 +179,10 @@ def test_bad_folder_study_json_and_port_are_one_line_errors(tmp_path, capsys, jo
     gone.mkdir()
     (gone / "study.json").write_text(json.dumps({"study_name": "x",
                                                  "storage": str(gone / "missing.journal")}))
+    nodb = tmp_path / "nodb"
+    nodb.mkdir()
+    (nodb / "study.json").write_text(json.dumps({"study_name": "x",
+                                                 "storage": f"sqlite:///{nodb / 'gone.db'}"}))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "study.json").write_text("{not json")
@@ -186,6 +190,7 @@ def test_bad_folder_study_json_and_port_are_one_line_errors(tmp_path, capsys, jo
         ([str(tmp_path / "nope")], "no such folder"),
         ([str(tmp_path / "old")], "no study.json"),
         ([str(gone)], "missing.journal: no such file"),
+        ([str(nodb)], "gone.db: no such file"),
         ([str(broken)], "study.json: expected JSON with study_name and storage"),
         ([str(tmp_path / "old"), "--port", "70000"], "--port 70000: expected 1-65535"),
     ]
