@@ -3,12 +3,15 @@ learning curve, coloured by status (the same colours in both)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlnas.errors import UserError
 from qlnas.fileio import atomic_path
+
+log = logging.getLogger(__name__)
 
 # The direction of each metric a trial reports, when the search does not optimise it.
 KNOWN_MODES = {"val_top1": "max", "val_top5": "max", "val_loss": "min", "train_loss": "min",
@@ -108,6 +111,8 @@ def pareto_figure(points: list[dict], x: Axis, y: Axis):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     shown = [p for p in points
              if value(p, x.metric) is not None and value(p, y.metric) is not None]
+    if points and not shown:
+        log.warning("Pareto plot: no trial has both %s and %s", y.metric, x.metric)
     for status, color in STATUS_COLORS.items():
         pts = [p for p in shown if p["status"] == status]
         if pts:
