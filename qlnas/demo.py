@@ -24,4 +24,4 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"qlnas demo: searching {space_path().name} on the embedded digits into {out}")
     return run_search_cmd(argparse.Namespace(space=str(space_path()), out=out, resume=False,
-                                             address=None))
+                                             address=None, add_trials=0))

@@ -153,6 +153,8 @@ class SearchSpace:
     fixed_arch: dict
     """ArchSpec fields shared by every trial."""
     conditions: tuple[Condition, ...]
+    arch_params: tuple[str, ...] = ()
+    """The sampled parameters that are model arguments (ArchSpec fields for qlnet models)."""
     resources: Resources = field(default_factory=Resources)
     pruning: Pruning = field(default_factory=Pruning)
     sampler: Plugin | None = None
@@ -206,10 +208,16 @@ class SearchSpace:
         for key, value in values.items():
             if key == "model":
                 data["model"] = value
-            elif key in ARCH_CHOICES:
+            elif key in self.arch_params or key.split(".")[0] in self.arch_params:
                 arch[key] = value
             else:
                 data[key] = value
+        for key in [k for k in arch if k.endswith(".stages")]:  # per-stage dimensions
+            name = key[:-len(".stages")]
+            arch[name] = tuple(values.get(f"{name}.{i}", arch.get(f"{name}.{i}"))
+                               for i in range(arch.pop(key)))
+            for i in range(len(arch[name])):
+                arch.pop(f"{name}.{i}", None)
         if arch.get("act") is not None and arch.get("act") != "none" \
                 and arch.get("act_at") in (None, "none"):
             arch["act_at"] = "ds"
@@ -316,12 +324,7 @@ def load_space(path: str | Path) -> SearchSpace:
 
     params: list[Param] = []
     fixed_arch: dict = {}
-    for k, v in c.mapping(raw.get("arch"), "arch", tuple(ARCH_CHOICES)).items():
-        allowed = ARCH_CHOICES[k]
-        if isinstance(v, list):
-            params.append(Param(k, choices=c.choices(v, f"arch.{k}", allowed)))
-        else:
-            fixed_arch[k] = c.choices(v, f"arch.{k}", allowed)[0]
+    names: tuple = ()
     if raw.get("models") is not None:
         import timm
 
@@ -330,6 +333,22 @@ def load_space(path: str | Path) -> SearchSpace:
         for n in names:
             if not timm.is_model(n):
                 raise c.fail("models", f"unknown model {n!r}")
+    # A model family of the user's (`imports:`) takes its own keyword arguments in `arch`.
+    qlnet = all(str(n).startswith("qlnet") for n in names or (fixed.get("model", "qlnet"),))
+    for k, v in c.mapping(raw.get("arch"), "arch", tuple(arch_fields()) if qlnet else None
+                          ).items():
+        if qlnet:
+            _arch_dimension(c, k, v, params, fixed_arch)
+            continue
+        allowed = tuple(v if isinstance(v, list) else [v])
+        if isinstance(v, dict):
+            params.append(c.distribution(v, f"arch.{k}"))
+        elif isinstance(v, list):
+            params.append(Param(k, choices=c.choices(v, f"arch.{k}", allowed)))
+        else:
+            fixed_arch[k] = v
+    arch_names = {p.name.split(".")[0] for p in params}
+    if names:
         params.append(Param("model", choices=names))
     for k, v in c.mapping(raw.get("recipe"), "recipe").items():
         if k not in train_fields or k in ("arch", "out", "model"):
@@ -408,7 +427,8 @@ def load_space(path: str | Path) -> SearchSpace:
                         num_trials=num_trials, searcher=searcher, seed=seed,
                         objectives=tuple(objectives), params=tuple(params), fixed=fixed,
                         fixed_arch=fixed_arch, conditions=tuple(conditions),
-                        resources=resources, pruning=pruning, sampler=sampler, pruner=pruner,
+                        arch_params=tuple(sorted(arch_names)), resources=resources,
+                        pruning=pruning, sampler=sampler, pruner=pruner,
                         storage=storage, study_name=study_name,
                         enqueue=_enqueue(c, search.get("enqueue"), params),
                         warm_start=tuple(str(Path(w).resolve()) for w in warm),
@@ -416,6 +436,70 @@ def load_space(path: str | Path) -> SearchSpace:
     space.train_config({p.name: (p.choices[0] if p.choices else p.low) for p in params},
                        out="check")  # fixed settings must make a valid TrainConfig
     return space
+
+
+def arch_fields() -> dict[str, object]:
+    """The ArchSpec fields a space may fix or search, with their defaults."""
+    from qlnas.models.spec import ArchSpec
+
+    default = ArchSpec()
+    return {f.name: getattr(default, f.name) for f in dataclasses.fields(ArchSpec)
+            if f.name != "num_classes"}
+
+
+def _check_arch_value(c: _Checker, key: str, name: str, value: object) -> None:
+    """One value of ArchSpec field `name`, as ArchSpec itself validates it."""
+    from qlnas.models.spec import ArchSpec
+
+    allowed = ARCH_CHOICES.get(name)
+    if allowed is not None and value not in allowed:
+        raise c.fail(key, f"{value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
+    change = {name: tuple(value) if isinstance(value, list) else value}
+    if name in ("act", "act_at") and value == "none":  # the two are none together
+        change = {"act": "none", "act_at": "none"}
+    try:
+        ArchSpec().replace(**change)
+    except (TypeError, ValueError) as exc:
+        raise c.fail(key, str(exc)) from None
+
+
+def _arch_dimension(c: _Checker, name: str, value: object, params: list, fixed: dict) -> None:
+    """An ArchSpec field: fixed (a value; a list for a per-stage field), searched (a list of
+    choices, or a distribution for a number), or searched per stage for a per-stage field
+    (``{per_stage: [choices of stage 1, ...]}``: parameters ``NAME.0``, ``NAME.1``, ...)."""
+    key = f"arch.{name}"
+    staged = isinstance(arch_fields()[name], tuple) or name == "expansion"
+    if isinstance(value, dict) and "per_stage" in value:
+        c.mapping(value, key, ("per_stage",))
+        stages = value["per_stage"]
+        if not staged or not isinstance(stages, list) or not stages:
+            raise c.fail(f"{key}.per_stage", "expected a list with one entry per stage, for a "
+                         "per-stage field (depths, widths, expansion)")
+        for i, stage in enumerate(stages):
+            if isinstance(stage, list):
+                choices = c.choices(stage, f"{key}.per_stage[{i}]", tuple(stage))
+                for v in choices:
+                    _check_arch_value(c, f"{key}.per_stage[{i}]", name,
+                                      [v] * len(stages))
+                params.append(Param(f"{name}.{i}", choices=choices))
+            else:
+                _check_arch_value(c, f"{key}.per_stage[{i}]", name, [stage] * len(stages))
+                fixed[f"{name}.{i}"] = stage
+        fixed[f"{name}.stages"] = len(stages)
+        return
+    if isinstance(value, dict):
+        param = c.distribution(value, key)
+        for bound in (param.low, param.high):
+            _check_arch_value(c, key, name, int(bound) if param.kind == "int" else bound)
+        params.append(param)
+    elif isinstance(value, list) and not (staged and name != "expansion"):
+        choices = c.choices(value, key, tuple(value))
+        for v in choices:
+            _check_arch_value(c, key, name, v)
+        params.append(Param(name, choices=choices))
+    else:
+        _check_arch_value(c, key, name, value)
+        fixed[name] = tuple(value) if isinstance(value, list) else value
 
 
 def _imports(c: _Checker, value: object) -> tuple[str, ...]:

@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -120,13 +119,22 @@ resources:
 
 
 def study_trials(out: Path) -> dict:
-    """Tune trial id -> Optuna trial, from the search's checkpoint: the newest session's by
-    name, as Tune restores it (a resumed search copies the older sessions' files again, so
-    their mtimes say nothing)."""
-    with max((out / "tune").glob("searcher-state-*.pkl")).open("rb") as f:
-        state = pickle.load(f)
-    storage = state["_ot_study"]._storage
-    return {tid: storage.get_trial(t._trial_id) for tid, t in state["_ot_trials"].items()}
+    """Tune trial id -> Optuna trial, from the search's study in its storage, opened as a
+    notebook would (`optuna.load_study` with what study.json records). Asserts the study holds
+    each Tune trial once and no trial without one (none lost, none duplicated)."""
+    import optuna
+
+    ref = json.loads((out / "study.json").read_text())
+    storage = ref["storage"]
+    if "://" not in storage:
+        storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(storage))
+    study = optuna.load_study(study_name=ref["study_name"], storage=storage)
+    ids = [t.user_attrs.get("tune_trial_id") for t in study.trials
+           if t.user_attrs.get("status") != "infeasible"]
+    assert None not in ids and len(ids) == len(set(ids)), ids
+    return {t.user_attrs["tune_trial_id"]: t for t in study.trials if t.user_attrs.get(
+        "tune_trial_id") and t.user_attrs.get("status") != "infeasible"}
 
 
 def study_states(out: Path) -> dict:
@@ -163,8 +171,8 @@ def test_a_killed_driver_resumes_with_its_stops_and_a_bigger_budget(tmp_path):
                 if r["status"] in ("completed", "pruned") and t != stopped}
     metrics = {t: (out / "trials" / t / "run" / "metrics.csv").read_text() for t in before
                if (out / "trials" / t / "run" / "metrics.csv").is_file()}
-    space.write_text(RESUMED.format(epochs=6, trials=4))  # the budget may grow
-    proc = search("--space", str(space), "--out", str(out), "--resume")
+    # The budget grows by one: resumed from the search's own copy of its space.
+    proc = search("--out", str(out), "--resume", "--add-trials", "1")
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = {r["trial_id"]: r for r in trials(out)}
     assert sorted(r["params"]["lr"] for r in records.values()) == [1e-05, 0.2, 0.25, 0.3]
@@ -274,7 +282,77 @@ def test_a_search_whose_trials_all_error_fails_and_lists_them(tmp_path):
                                                          for r in records}
     assert not (out / "best_config.yaml").exists()
     # Optuna was told: FAIL, so no sampler learns from them as if they had a value.
-    [path] = (out / "tune").glob("searcher-state-*.pkl")
-    with path.open("rb") as f:
-        state = pickle.load(f)
-    assert {t.state.name for t in state["_ot_study"].trials} == {"FAIL"}
+    assert {t.state.name for t in study_trials(out).values()} == {"FAIL"}
+
+
+PLUGGED = """\
+# test-only space: a model family of its own (imports:), a sampler class, SQLite storage, an
+# enqueued configuration that is infeasible and one that is not
+imports: [tests.search.family]
+fixed:
+  epochs: 2
+  batch_size: 32
+  resolution: 32
+  warmup_epochs: 0
+  workers: 1
+  max_steps_per_epoch: 3
+  hflip: false
+models: [tinynet]
+arch:
+  width: [4, 8, 64]
+  depth: [1, 2]
+constraints:
+  params_m: {max: 0.01}   # 64 wide and 2 deep is about 0.039 M
+search:
+  num_trials: 3
+  sampler: {class: optuna.samplers.BruteForceSampler}
+  storage: sqlite:///STORE
+  study_name: plugged
+  enqueue: [{width: 64, depth: 2}, {width: 4, depth: 1}]
+resources:
+  workers_per_trial: 1
+  cpus_per_worker: 1
+"""
+
+
+def test_a_plugged_in_family_sampler_and_constraint_search(tmp_path):
+    """Nothing of qlnas edited: the family comes from a module the space imports (in the
+    driver and in every worker), the sampler is a class named in the YAML; the enqueued
+    infeasible configuration never starts a worker, and the study is in SQLite."""
+    import optuna
+
+    space = tmp_path / "space.yaml"
+    space.write_text(PLUGGED.replace("STORE", str(tmp_path / "studies.db")))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "qlnas.cli", "search", "--address", "local",
+                           "--space", str(space), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = trials(out)
+    trained = [r for r in records if r["status"] != "infeasible"]
+    infeasible = [r for r in records if r["status"] == "infeasible"]
+    assert len(trained) == 3 and {r["status"] for r in trained} == {"completed"}
+    assert {r["model"] for r in trained} == {"tinynet"}
+    assert all(r["params_m"] <= 0.01 for r in trained)
+    big = {"width": 64, "depth": 2, "model": "tinynet"}
+    assert big in [r["params"] for r in infeasible]
+    for r in infeasible:  # never trained: no run, no Ray Train run
+        assert r["params_m"] > 0.01 and "params_m" in r["error"]
+        assert not (out / "trials" / r["trial_id"] / "run").exists()
+    assert "infeasible configurations skipped before any worker started" in proc.stdout
+    study = optuna.load_study(study_name="plugged",
+                              storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)  # loading does not know it
+    by_number = sorted(study.trials, key=lambda t: t.number)
+    assert by_number[0].params == big  # the enqueued ones come first
+    assert by_number[0].state.name == "PRUNED" and by_number[0].constraints["params_m"] > 0
+    assert by_number[1].params == {"width": 4, "depth": 1, "model": "tinynet"}
+    assert by_number[1].state.name == "COMPLETE"
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
+    assert all(t.constraints["params_m"] <= 0 for t in study.trials
+               if t.state.name == "COMPLETE")
+    with open(out / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["status"] for r in rows) == ["completed"] * 3 + ["infeasible"] * len(
+        infeasible)

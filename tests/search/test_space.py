@@ -74,6 +74,12 @@ BASE = "fixed: {epochs: 1, warmup_epochs: 0}\narch:\n  form: [eq3, eq4]\n"
      "search.enqueue[0].form: 'eq5' is outside ['eq3', 'eq4']"),
     (BASE + "search:\n  enqueue: [{act: relu}]\n",
      "search.enqueue[0].act: not a sampled parameter"),
+    (BASE + "  colour: [red]\n", "arch.colour: unknown key (known: form, act"),
+    (BASE + "  depths: {per_stage: [[1, 2], [0, 2], 2, 2]}\n",
+     "arch.depths.per_stage[1]: ArchSpec.depths=(0, 0, 0, 0); expected positive integers"),
+    (BASE + "  act_radius: {uniform: [-1.0, 4.0]}\n", "arch.act_radius: ArchSpec.act_radius"),
+    (BASE + "  expansion: [4, 0]\n", "arch.expansion: ArchSpec.expansion=0; expected an"),
+    (BASE + "  form: {per_stage: [eq3, eq4]}\n", "arch.form.per_stage: expected a list with"),
     (BASE + "imports: [no_such_module_here]\n",
      "imports[0]: cannot import 'no_such_module_here' (ModuleNotFoundError"),
 ])
@@ -114,3 +120,51 @@ def test_plugged_in_sampler_and_pruner_classes_are_built(tmp_path):
     sampler, pruner = _sampler(space), _pruner(space)
     assert isinstance(sampler, optuna.samplers.QMCSampler) and sampler._seed == 3
     assert isinstance(pruner, optuna.pruners.PercentilePruner) and pruner._percentile == 25.0
+
+
+def test_every_archspec_field_is_a_dimension_per_stage_where_it_is_a_tuple(tmp_path):
+    path = _write(tmp_path, "fixed: {model: qlnet26n, epochs: 1, warmup_epochs: 0}\narch:\n"
+                  "  depths: {per_stage: [[1, 2], 2, [2, 3], 1]}\n"
+                  "  widths: [32, 64, 128, 256]\n  stem_width: [16, 32]\n"
+                  "  act_radius: {uniform: [1.0, 8.0]}\n  stem_linear: [true, false]\n")
+    space = load_space(path)
+    assert {p.name for p in space.params} == {"depths.0", "depths.2", "stem_width",
+                                              "act_radius", "stem_linear"}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        values = space.sample(study.ask())
+        arch = space.train_config(values, out="x").arch
+        assert arch["depths"] == (values["depths.0"], 2, values["depths.2"], 1)
+        assert arch["widths"] == (32, 64, 128, 256) and 1.0 <= arch["act_radius"] <= 8.0
+        assert not any("." in k for k in arch)
+        seen.add(arch["depths"])
+    assert len(seen) == 4
+
+
+TABLE1 = ["qlnet50_eq3_relu_all", "qlnet50_eq3_hardtanh_ds", "qlnet50_eq3_hardball_ds",
+          "qlnet50_eq3_softball_ds", "qlnet50_eq3_nows_softball_ds",
+          "qlnet50_eq3_nows_x6_softball_ds", "qlnet50_eq4_softball_ds",
+          "qlnet50_eq5_softball_ds", "qlnet50_eq6_softball_ds",
+          "qlnet50_eq7_nows_x6_softball_ds"]
+
+
+def test_the_paper_space_evaluates_table1_first(tmp_path):
+    """paper.yaml's enqueued rows are Table 1's models, and its study asks them first, in
+    order, before TPE samples anything."""
+    import timm
+
+    from qlnas.search.searcher import QLOptunaSearch
+
+    space = load_space(ROOT / "search_spaces" / "paper.yaml")
+    searcher = QLOptunaSearch(space=lambda t: space.sample(t), metric="val_top1", mode="max",
+                              sampler=optuna.samplers.TPESampler(seed=0), max_epochs=50)
+    for params in space.enqueue:
+        searcher._ot_study.enqueue_trial(params)
+    names = []
+    for i in range(len(TABLE1)):
+        config = space.train_config(searcher.suggest(f"t{i}"), out="x")
+        model = timm.create_model(config.model, num_classes=100, **config.arch)
+        names.append(model.spec)
+    expected = [timm.create_model(n, num_classes=100).spec for n in TABLE1]
+    assert names == expected

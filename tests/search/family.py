@@ -1,0 +1,32 @@
+"""A model family of a user's own, outside qlnas: a search imports this module (`imports:`)
+and searches `tinynet` by name with its own keyword arguments."""
+
+import torch
+from timm.models import build_model_with_cfg, register_model
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU blocks of `width` channels, `depth` of them, then a linear head."""
+
+    def __init__(self, width: int = 8, depth: int = 1, num_classes: int = 10,
+                 in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        layers, c = [], in_chans
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.num_classes = num_classes
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+@register_model
+def tinynet(pretrained: bool = False, **kwargs) -> TinyNet:
+    """As timm's own entry points: build_model_with_cfg takes timm's pretrained-config
+    arguments, the rest go to the model."""
+    return build_model_with_cfg(TinyNet, "tinynet", pretrained, **kwargs)
