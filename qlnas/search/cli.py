@@ -62,7 +62,7 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     print(format_rows(rows, "md"))
     _print_skipped(rows)
     print(f"\nleaderboard: {out / 'leaderboard.md'} (and .csv)")
-    print(f"Pareto plot: {out / 'pareto.png'}")
+    print(f"Pareto plot: {out / 'pareto.png'}   learning curves: {out / 'curves.png'}")
     if (out / "best_config.yaml").is_file():
         print(f"best config: {out / 'best_config.yaml'} (qlnas train --config ...)")
     print(f"TensorBoard: qlnas tensorboard {out}   (or tensorboard --logdir {out / 'trials'})")
@@ -82,7 +82,8 @@ def _print_study(out) -> None:
 def _print_skipped(rows: list[dict]) -> None:
     """What the constraints saved: infeasible configurations never trained."""
     skipped = [r for r in rows if r["status"] == "infeasible"]
-    trained = [r["wall_s"] for r in rows if r["status"] in ("completed", "pruned", "diverged")]
+    trained = [r["wall_s"] for r in rows if r["status"] in ("completed", "pruned", "diverged")
+               and not r.get("reused_from")]  # a reused result took no training
     if skipped:
         saved = f"; about {len(skipped) * sum(trained) / len(trained):.0f} s of training " \
             "saved at the mean trial's time" if trained else ""

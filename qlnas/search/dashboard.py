@@ -29,11 +29,7 @@ def open_study(folder: str | Path):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (expected the --out folder of a search)")
-    try:
-        ref = study_ref(folder)
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{folder / STUDY_JSON}: expected JSON with study_name and storage") \
-            from None
+    ref = study_ref(folder)
     path = None  # a file the storage must already be (opening it would create an empty one)
     if ref.is_journal:
         path = ref.storage

@@ -101,8 +101,12 @@ def study_ref(out: str | Path) -> StudyRef:
     if not path.is_file():
         raise UserError(f"{out}: no Optuna study recorded here (no {STUDY_JSON}; a search from "
                         "before studies were kept in storage)")
-    data = json.loads(path.read_text())
-    return StudyRef(data["study_name"], data["storage"])
+    try:
+        data = json.loads(path.read_text())
+        return StudyRef(str(data["study_name"]), str(data["storage"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable ({type(exc).__name__}: {exc}); expected "
+                        '{"study_name": ..., "storage": ...}') from None
 
 
 def find_study_ref(out: str | Path) -> StudyRef | None:

@@ -191,7 +191,7 @@ def test_bad_folder_study_json_and_port_are_one_line_errors(tmp_path, capsys, jo
         ([str(tmp_path / "old")], "no study.json"),
         ([str(gone)], "missing.journal: no such file"),
         ([str(nodb)], "gone.db: no such file"),
-        ([str(broken)], "study.json: expected JSON with study_name and storage"),
+        ([str(broken)], "study.json: unreadable (JSONDecodeError"),
         ([str(tmp_path / "old"), "--port", "70000"], "--port 70000: expected 1-65535"),
     ]
     for argv, message in cases:
