@@ -168,3 +168,38 @@ def test_the_paper_space_evaluates_table1_first(tmp_path):
         names.append(model.spec)
     expected = [timm.create_model(n, num_classes=100).spec for n in TABLE1]
     assert names == expected
+
+
+def test_the_authors_design_is_reachable_from_arch_choices(tmp_path):
+    """A search can compare qlnet50_liu2023 with the paper's forms: by name in `models:`, and
+    as a point of the arch space (its coefficient BN, per-stage expansion, hardball placement),
+    which builds exactly the preset's spec."""
+    import timm
+
+    from qlnas.models.spec import PRESETS
+
+    path = _write(tmp_path, """\
+fixed: {model: qlnet50, epochs: 1, warmup_epochs: 0}
+arch:
+  form: [eq3, glb]
+  act: [softball, hardball]
+  act_at: [ds, proj]
+  weight_sharing: [true, false]
+  coef_bn: [false, true]
+  act_last: [false, true]
+  stem_linear: false
+  expansion: {per_stage: [[4, 8], [4, 8], 4, 4]}
+search:
+  enqueue:
+    - {form: glb, act: hardball, act_at: proj, weight_sharing: false, coef_bn: true,
+       act_last: true, expansion.0: 8, expansion.1: 8}
+""")
+    space = load_space(path)
+    study = optuna.create_study()
+    study.enqueue_trial(space.enqueue[0])
+    config = space.train_config(space.sample(study.ask()), out="x")
+    model = timm.create_model(config.model, num_classes=100, **config.arch)
+    assert model.spec == PRESETS["qlnet50_liu2023"].spec.replace(num_classes=100)
+    named = _write(tmp_path, "fixed: {epochs: 1, warmup_epochs: 0}\n"
+                   "models: [qlnet50_liu2023, qlnet50_eq3_softball_ds]\n")
+    assert load_space(named).params[0].choices == ("qlnet50_liu2023", "qlnet50_eq3_softball_ds")
