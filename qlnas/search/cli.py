@@ -70,13 +70,15 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     return _outcome(rows, out)
 
 
-def _print_study(out) -> None:
+def _print_study(out, stream=None) -> None:
+    """Where the search's Optuna study is, and the line that opens it from Python."""
     from qlnas.search.study import find_study_ref
 
     ref = find_study_ref(out)
     if ref is not None:
-        print(f"Optuna study: {ref.name!r} in {ref.storage}   (qlnas dashboard {out})")
-        print(f"  from Python: {ref.snippet()}")
+        print(f"Optuna study: {ref.name!r} in {ref.storage}   (qlnas dashboard {out})",
+              file=stream)
+        print(f"  from Python: {ref.snippet()}", file=stream)
 
 
 def _print_skipped(rows: list[dict]) -> None:
@@ -123,4 +125,5 @@ def run_report_cmd(args: argparse.Namespace) -> int:
     for name, what in (("pareto.png", "Pareto plot"), ("curves.png", "learning curves")):
         if (Path(args.dir) / name).is_file():
             print(f"{what}: {Path(args.dir) / name}", file=stream)
+    _print_study(args.dir, stream)
     return 0

@@ -309,6 +309,7 @@ search:
   storage: sqlite:///STORE
   study_name: plugged
   enqueue: [{width: 64, depth: 2}, {width: 4, depth: 1}]
+  warm_start: [EARLIER]
 resources:
   workers_per_trial: 1
   cpus_per_worker: 1
@@ -321,8 +322,28 @@ def test_a_plugged_in_family_sampler_and_constraint_search(tmp_path):
     infeasible configuration never starts a worker, and the study is in SQLite."""
     import optuna
 
+    from qlnas.search.run import store_space
+    from qlnas.search.space import load_space
+    from qlnas.search.study import prepare_study
+
+    # An earlier search of the same space that completed 8 wide, 1 deep: the new study starts
+    # with it, so the brute-force sampler never trains that configuration again.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "space.yaml").write_text(PLUGGED.replace("  warm_start: [EARLIER]\n", "")
+                                        .replace("sqlite:///STORE", str(earlier / "j")))
+    store_space(load_space(earlier / "space.yaml"), earlier)
+    old = optuna.create_study(study_name="plugged", direction="maximize", storage=prepare_study(
+        "plugged", None, earlier).open_storage())
+    choices = optuna.distributions.CategoricalDistribution
+    old.add_trial(optuna.trial.create_trial(
+        params={"width": 8, "depth": 1, "model": "tinynet"}, value=0.5,
+        distributions={"width": choices([4, 8, 64]), "depth": choices([1, 2]),
+                       "model": choices(["tinynet"])},
+        user_attrs={"params_m": 0.0008, "gmacs": 0.0001, "tune_trial_id": "earlier_00000"}))
     space = tmp_path / "space.yaml"
-    space.write_text(PLUGGED.replace("STORE", str(tmp_path / "studies.db")))
+    space.write_text(PLUGGED.replace("STORE", str(tmp_path / "studies.db"))
+                     .replace("EARLIER", str(earlier)))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "qlnas.cli", "search", "--address", "local",
                            "--space", str(space), "--out", str(out)],
@@ -335,6 +356,7 @@ def test_a_plugged_in_family_sampler_and_constraint_search(tmp_path):
     assert len(trained) == 3 and {r["status"] for r in trained} == {"completed"}
     assert {r["model"] for r in trained} == {"tinynet"}
     assert all(r["params_m"] <= 0.01 for r in trained)
+    assert {"width": 8, "depth": 1, "model": "tinynet"} not in [r["params"] for r in trained]
     big = {"width": 64, "depth": 2, "model": "tinynet"}
     assert big in [r["params"] for r in infeasible]
     for r in infeasible:  # never trained: no run, no Ray Train run
@@ -349,7 +371,9 @@ def test_a_plugged_in_family_sampler_and_constraint_search(tmp_path):
     assert by_number[0].state.name == "PRUNED" and by_number[0].constraints["params_m"] > 0
     assert by_number[1].params == {"width": 4, "depth": 1, "model": "tinynet"}
     assert by_number[1].state.name == "COMPLETE"
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
+    [warm] = [t for t in study.trials if "warm_start_from" in t.user_attrs]
+    assert warm.params == {"width": 8, "depth": 1, "model": "tinynet"} and warm.value == 0.5
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3 + 1
     assert all(t.constraints["params_m"] <= 0 for t in study.trials
                if t.state.name == "COMPLETE")
     with open(out / "leaderboard.csv") as f:

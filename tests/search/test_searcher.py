@@ -36,7 +36,8 @@ def finish(out, searcher, trial_id: str, curve: list[float]) -> None:
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
     (out / "trials" / trial_id / "trial.json").write_text(json.dumps(
         {"trial_id": trial_id, "status": "completed", "spec": {"form": "eq3"},
-         "model": "qlnet26n", "params_m": 1.5, "gmacs": 0.1}))
+         "model": "qlnet26n", "params_m": 1.5, "gmacs": 0.1, "started": 1.0, "ended": 2.0,
+         "params": {"lr": 0.5}, "train_config": {"model": "qlnet26n", "lr": 0.5}}))
     for epoch, value in enumerate(curve, 1):
         searcher.report_and_ask(trial_id, {"epoch": epoch, "val_top1": value}, epoch)
     searcher.on_trial_complete(trial_id, {"epoch": len(curve), "val_top1": curve[-1]})
@@ -174,3 +175,20 @@ def test_warm_start_adds_the_completed_trials_of_a_compatible_search(tmp_path):
                    f"search:\n  warm_start: [{earlier}]\n")
     with pytest.raises(UserError, match="its parameter 'form' is not sampled here"):
         warm_start_trials(load_space(new))
+
+
+def test_the_report_reads_the_study_and_prints_how_to_open_it(tmp_path, capsys):
+    from qlnas.cli import main
+
+    ref = prepare_study("demo", None, tmp_path)
+    searcher = searcher_on(ref, tmp_path)
+    searcher.suggest("t1")
+    finish(tmp_path, searcher, "t1", [0.4, 0.6])
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    [row] = [line for line in out.splitlines() if line.startswith("| t1 ")]
+    assert "| #0 COMPLETE |" in row
+    [snippet] = [line.split("from Python: ")[1] for line in out.splitlines()
+                 if "from Python: " in line]
+    study = eval(snippet, {"optuna": optuna})
+    assert [t.user_attrs["tune_trial_id"] for t in study.trials] == ["t1"]
