@@ -229,6 +229,7 @@ search:
   num_trials: 3
   searcher: grid
   seed: 3
+  study_name: pruning   # Hyperband's brackets follow it: see the test
 pruning:
   pruner: {pruner}
   grace_epochs: 1
@@ -266,6 +267,16 @@ def test_a_pruner_stops_a_poor_trial_from_inside(pruner, tmp_path, local_ray):
     status = {r["params"]["lr"]: r["status"] for r in recs}
     assert status[0.2] == "completed" and status[1e-05] == "pruned", status
     optuna_trials = study_trials(out)
+    if pruner == "hyperband":
+        # Optuna's Hyperband puts each trial in a bracket by a hash of the study's name and the
+        # trial's number, and compares trials only within one. Under this name the three
+        # share a bracket, so lr 1e-5 meets the others (under "space", the file's name, it is
+        # alone in the second bracket and trains all its epochs).
+        hb = make_pruner("hyperband", 1, 3, SEARCH_EPOCHS)
+        loaded = optuna.load_study(study_name="pruning", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
+        hb._try_initialization(loaded)
+        assert {hb._get_bracket_id(loaded, t) for t in loaded.trials} == {0}
     rows = json.loads(subprocess.run([sys.executable, "-m", "qlnas.cli", "report", str(out),
                                       "--format", "json"], capture_output=True, text=True,
                                      timeout=120).stdout)
