@@ -15,10 +15,10 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dashboard", help="optuna-dashboard over the Optuna study of a search")
+    from qlnas.search.tb import add_server_arguments
+
     p.add_argument("dir", help="a search folder (--out of qlnas search)")
-    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: reach it through ssh -L)")
+    add_server_arguments(p, port=8080)
     p.set_defaults(func=run)
 
 

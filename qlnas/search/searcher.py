@@ -105,8 +105,9 @@ class QLOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr(key, value)
         broken = []
         for c in self.constraints:
-            ot_trial.set_constraint(c.metric, c.violation(facts[c.metric]))
-            if c.violation(facts[c.metric]) > 0:
+            violation = c.violation(facts[c.metric])
+            ot_trial.set_constraint(c.metric, violation)
+            if violation > 0:
                 broken.append(c.describe(facts[c.metric]))
         if not broken:
             return True

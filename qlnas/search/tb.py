@@ -11,12 +11,17 @@ from qlnas.errors import UserError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tensorboard", help="TensorBoard over the trials of a search (or any run)")
     p.add_argument("dir", help="a search folder (--out of qlnas search) or a training run")
-    p.add_argument("--port", type=int, default=6006, help="port to serve on (default 6006)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: reach it through ssh -L)")
+    add_server_arguments(p, port=6006)
     p.add_argument("--tb-flag", action="append", default=[], metavar="NAME=VALUE",
                    help="a TensorBoard flag, e.g. --tb-flag reload_interval=10 (repeatable)")
     p.set_defaults(func=run)
+
+
+def add_server_arguments(p: argparse.ArgumentParser, port: int) -> None:
+    """--port and --host of a local web server (TensorBoard, optuna-dashboard)."""
+    p.add_argument("--port", type=int, default=port, help=f"port to serve on (default {port})")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: reach it through ssh -L)")
 
 
 def logdir_of(folder: str | Path) -> Path:

@@ -7,18 +7,10 @@ import torch
 import qlnas  # noqa: F401 - registers the models
 from qlnas.cli import main
 from qlnas.models.io import load_model_file, save_model_file
+from qlnas.symmetry.verify import relative_change
 from tests.models.liu2023_layout import random_their_net
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-@pytest.fixture(scope="module")
-def theirs():
-    return random_their_net(num_classes=100)
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -36,7 +28,7 @@ def test_convert_float64_file_is_exact(tmp_path, capsys, theirs, wrapper):
     model, meta = load_model_file(out)
     assert meta["model_name"] == "qlnet50_liu2023" and meta["num_classes"] == 100
     assert model.fc.weight.dtype == torch.float64  # loaded as written, not rounded to float32
-    assert _rel(_logits(model), _logits(theirs)) < 1e-9
+    assert relative_change(_logits(model), _logits(theirs)) < 1e-9
 
 
 def test_ema_weights_of_a_timm_checkpoint(tmp_path, theirs):
@@ -46,7 +38,7 @@ def test_ema_weights_of_a_timm_checkpoint(tmp_path, theirs):
     assert main(["convert", str(src), str(out), "--ema"]) == 0
     model, meta = load_model_file(out)
     assert meta["converted_weights"] == "ema"
-    assert _rel(_logits(model), _logits(other)) < 1e-9
+    assert relative_change(_logits(model), _logits(other)) < 1e-9
 
 
 def test_float32_checkpoint_loads_with_timm_and_other_class_counts(tmp_path):
@@ -58,7 +50,7 @@ def test_float32_checkpoint_loads_with_timm_and_other_class_counts(tmp_path):
     assert main(["convert", str(src), str(out)]) == 0
     model = timm.create_model("qlnet50_liu2023", num_classes=37, checkpoint_path=str(out))
     assert model.fc.weight.dtype == torch.float32 and model.num_classes == 37
-    assert _rel(_logits(model), _logits(theirs)) < 1e-9  # the same float32 numbers
+    assert relative_change(_logits(model), _logits(theirs)) < 1e-9  # the same float32 numbers
 
 
 def _refused(capsys, src, out) -> str:

@@ -11,18 +11,10 @@ from qlnas.models import ArchSpec, name_to_spec, spec_to_name
 from qlnas.models.complexity import count_params, provenance
 from qlnas.models.convert import convert_state
 from qlnas.models.spec import PRESETS
-from tests.models.liu2023_layout import TheirNet, random_their_net
+from qlnas.symmetry.verify import relative_change
+from tests.models.liu2023_layout import TheirNet
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-@pytest.fixture(scope="module")
-def theirs():
-    return random_their_net(num_classes=100)
 
 
 def test_parameter_count_is_theirs():
@@ -76,7 +68,7 @@ def test_converted_logits_match_theirs_in_float64(theirs):
             h.remove()
     assert any(0 < c < 1 for c in clipped), clipped  # the hardballs really act
     assert float(want.std()) > 0.1
-    assert _rel(got, want) < 1e-9
+    assert relative_change(got, want) < 1e-9
 
 
 def _clip_fraction(out: torch.Tensor, radius_sq: float) -> float:
@@ -143,4 +135,4 @@ def test_coef_bn_forward_backward_and_fuse(form):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     model = model.double().eval()
     with torch.no_grad():
-        assert _rel(fuse(model)(x.double()), model(x.double())) < 1e-10
+        assert relative_change(fuse(model)(x.double()), model(x.double())) < 1e-10

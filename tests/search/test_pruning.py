@@ -16,6 +16,7 @@ import pytest
 from qlnas.search import pruning
 from qlnas.search.pruning import PruningScheduler, make_pruner
 from qlnas.search.searcher import QLOptunaSearch
+from qlnas.search.study import study_ref
 from tests.search.test_search import FIXED, study_trials
 
 State = optuna.trial.TrialState
@@ -273,8 +274,8 @@ def test_a_pruner_stops_a_poor_trial_from_inside(pruner, tmp_path, local_ray):
         # share a bracket, so lr 1e-5 meets the others (under "space", the file's name, it is
         # alone in the second bracket and trains all its epochs).
         hb = make_pruner("hyperband", 1, 3, SEARCH_EPOCHS)
-        loaded = optuna.load_study(study_name="pruning", storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
+        loaded = study_ref(out).load()
+        assert loaded.study_name == "pruning"
         hb._try_initialization(loaded)
         assert {hb._get_bracket_id(loaded, t) for t in loaded.trials} == {0}
     rows = json.loads(subprocess.run([sys.executable, "-m", "qlnas.cli", "report", str(out),
