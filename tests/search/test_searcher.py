@@ -192,3 +192,34 @@ def test_the_report_reads_the_study_and_prints_how_to_open_it(tmp_path, capsys):
                  if "from Python: " in line]
     study = eval(snippet, {"optuna": optuna})
     assert [t.user_attrs["tune_trial_id"] for t in study.trials] == ["t1"]
+
+
+def width_space(trial):
+    trial.suggest_float("w", 0.0, 2.0)
+
+
+def test_constraints_in_a_two_objective_study(tmp_path):
+    """imagenet100.yaml's shape (accuracy and parameters, TPE): infeasible configurations are
+    PRUNED without values, the trained ones COMPLETE with both, all with constraint values."""
+    from qlnas.search.space import Constraint
+
+    ref = prepare_study("mo", None, tmp_path)
+    searcher = QLOptunaSearch(
+        space=width_space,
+        metric=["val_top1", "params_m"], mode=["max", "min"],
+        sampler=optuna.samplers.TPESampler(seed=0), max_epochs=1, study_name=ref.name,
+        storage=ref.open_storage(), out=str(tmp_path),
+        constraints=(Constraint("params_m", max=1.0),),
+        facts_of=lambda p: ("m", None, {"params_m": p["w"], "gmacs": 0.1, "gmacs_224": 0.2}))
+    for i in range(4):
+        params = searcher.suggest(f"t{i}")
+        assert params["w"] <= 1.0
+        searcher.on_trial_complete(f"t{i}", {"epoch": 1, "val_top1": 0.5, "params_m": 0.5})
+    trials = ref.load().trials
+    for t in trials:
+        if t.params["w"] > 1.0:
+            assert t.state == State.PRUNED and t.values is None
+        else:
+            assert t.state == State.COMPLETE and t.values == [0.5, 0.5]
+        assert t.constraints["params_m"] == pytest.approx(t.params["w"] - 1.0)
+    assert sum(t.state == State.COMPLETE for t in trials) == 4
