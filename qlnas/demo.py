@@ -18,10 +18,19 @@ def space_path() -> Path:
     return Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
 
+def search_args(out: str) -> argparse.Namespace:
+    """The `qlnas search` arguments of the demo, parsed by that command's own parser (so every
+    option it reads has its default)."""
+    from qlnas.search.cli import add_search_arguments
+
+    parser = argparse.ArgumentParser(prog="qlnas search")
+    add_search_arguments(parser)
+    return parser.parse_args(["--space", str(space_path()), "--out", out])
+
+
 def run(args: argparse.Namespace) -> int:
     from qlnas.search.cli import run_search_cmd
 
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"qlnas demo: searching {space_path().name} on the embedded digits into {out}")
-    return run_search_cmd(argparse.Namespace(space=str(space_path()), out=out, resume=False,
-                                             address=None, add_trials=0))
+    return run_search_cmd(search_args(out))

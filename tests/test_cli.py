@@ -26,3 +26,17 @@ def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "qlnas.cli", "models", "--filter",
                            "qlnet26n_glb_none"], capture_output=True, text=True, check=True)
     assert "qlnet26n_glb_none" in proc.stdout
+
+
+def test_the_demo_runs_the_search_command_with_all_its_options():
+    """`qlnas demo` is `qlnas search` on demo.yaml: every option the search command reads is
+    there with its default (a hand-built set once lacked --add-trials, and make demo crashed)."""
+    from qlnas.cli import build_parser
+    from qlnas.demo import search_args, space_path
+
+    args = search_args("runs/x")
+    parsed = build_parser().parse_args(["search", "--space", str(space_path()), "--out",
+                                        "runs/x"])
+    expected = {k: v for k, v in vars(parsed).items() if k not in ("command", "func",
+                                                                    "verbose")}
+    assert vars(args) == expected
