@@ -24,17 +24,17 @@ start=$SECONDS
 # 0. The training path on CUDA (nccl, bf16 autocast, channels_last), about 30 s.
 timeout 60 $PY bench/gpu_smoke.py 2>&1 | tee "$DEST/gpu-smoke.txt" || echo "gpu smoke failed"
 # 1. Every Table 1 model, eager (about 3 minutes; the last H200 run needed 20 s a model).
-timeout 240 $PY -m qlnas.models.bench "${COMMON[@]}" --fuse --label "gpu-$CARD-eager" || echo "eager run failed or timed out"
+timeout 240 $PY -m qlnas.bench.train_step "${COMMON[@]}" --fuse --label "gpu-$CARD-eager" || echo "eager run failed or timed out"
 # 1b. The Triton depthwise kernels (QLNAS_TRITON=1) against 1's cuDNN path (about 40 s).
-QLNAS_TRITON=1 timeout 60 $PY -m qlnas.models.bench "${COMMON[@]}" --fuse \
+QLNAS_TRITON=1 timeout 60 $PY -m qlnas.bench.train_step "${COMMON[@]}" --fuse \
   --models qlnet50_eq3_softball_ds resnet50 --label "gpu-$CARD-triton" || echo "triton run failed or timed out"
 # 2. The "before": reference layers (folded shared conv), eager, a subset (about 1 minute).
-timeout 50 $PY -m qlnas.models.bench "${COMMON[@]}" --reference \
+timeout 50 $PY -m qlnas.bench.train_step "${COMMON[@]}" --reference \
   --models qlnet50_eq3_softball_ds resnet50 --label "gpu-$CARD-reference" || echo "reference run failed or timed out"
 # 3. torch.compile on a subset (compilation dominates: about 1 minute per model).
 left=$(( 465 - (SECONDS - start) ))
 if (( left > 60 )); then
-  timeout "$left" $PY -m qlnas.models.bench "${COMMON[@]}" --fuse --compile --models "${SUBSET[@]}" \
+  timeout "$left" $PY -m qlnas.bench.train_step "${COMMON[@]}" --fuse --compile --models "${SUBSET[@]}" \
     --label "gpu-$CARD-compile" || echo "compile run failed or timed out"
 fi
 echo "gpu.sh done in $(( SECONDS - start )) s; results in $DEST"

@@ -2,7 +2,7 @@
 
 import sys
 
-from qlnas.data.bench import main
+from qlnas.bench.loader import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -109,7 +109,7 @@ def measure(path: Path, mode: str, batch: int, port: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from ffcv.reader import Reader
 
-    from qlnas.data.bench import make_jpegs
+    from qlnas.bench.photos import make_jpegs
     from qlnas.data.order import stream_window
     from qlnas.data.writer import write_beton
 

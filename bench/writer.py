@@ -49,7 +49,7 @@ def peak_rss_mib(src: Path, max_res: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qlnas.data.bench import make_jpegs
+    from qlnas.bench.photos import make_jpegs
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=240, help="images per size (default 240)")

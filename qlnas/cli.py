@@ -20,7 +20,7 @@ COMMANDS = (
     "qlnas.symmetry.cli",
     "qlnas.search.tb",
     "qlnas.search.dashboard",
-    "qlnas.bench_cli",
+    "qlnas.bench.cli",
     "qlnas.demo",
 )
 

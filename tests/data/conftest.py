@@ -14,7 +14,7 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def photo_tree(tmp_path_factory) -> Path:
     """36 JPEGs of 500x375 (quality 90) made from scikit-image's photos, one class per photo."""
-    from qlnas.data.bench import make_jpegs
+    from qlnas.bench.photos import make_jpegs
 
     return make_jpegs(tmp_path_factory.mktemp("photos"), count=36)
 

@@ -16,64 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qlnas.bench.photos import make_jpegs
+
 log = logging.getLogger(__name__)
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
-          "immunohistochemistry", "logo", "colorwheel", "horse", "cell", "camera")
-SIZE = (500, 375)  # ImageNet's typical photo
-
-
-def _photo(name: str) -> np.ndarray:
-    from skimage import data
-
-    img = getattr(data, name)()
-    if img.dtype != np.uint8:
-        img = (255 * (img.astype(np.float64) / max(1.0, float(img.max())))).astype(np.uint8)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    return np.ascontiguousarray(img[..., :3])
-
-
-def make_jpegs(root: str | os.PathLike, count: int = 2000, quality: int = 90,
-               seed: int = 0, size: tuple[int, int] = SIZE, grain: float = 0.0) -> Path:
-    """An ImageFolder tree of `count` JPEGs of `size` (500x375 by default): random crops of
-    scikit-image's photos, one class per photo, with Gaussian `grain` (sensor noise, so that
-    photos upscaled past their resolution are not unnaturally smooth). Reused when complete."""
-    from PIL import Image
-
-    root = Path(root)
-    shape = "" if size == SIZE and not grain else f"-{size[0]}x{size[1]}-{grain:g}"
-    stamp = root / f".complete-{count}-{quality}-{seed}{shape}"
-    if stamp.exists():
-        return root
-    rng = np.random.default_rng(seed)
-    photos = {}
-    for name in PHOTOS:
-        try:
-            photos[name] = Image.fromarray(_photo(name))
-        except Exception:  # a photo this scikit-image version lacks
-            continue
-    names = sorted(photos)
-    for n in range(count):
-        name = names[n % len(names)]
-        img = photos[name]
-        w, h = img.size
-        frac = rng.uniform(0.5, 1.0)
-        cw = min(w, int(frac * min(w, h * 4 / 3)))
-        ch = min(h, int(cw * 3 / 4))
-        x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-        out = img.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BILINEAR)
-        if rng.random() < 0.5:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if grain:
-            noisy = np.asarray(out, np.float32) + rng.normal(0, grain, (size[1], size[0], 3))
-            out = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        out.save(folder / f"{n:05d}.jpg", quality=quality)
-    stamp.touch()
-    return root
-
 
 _KEEP = []  # loaders stay alive: freeing FFCV's compiled code makes numba print KeyErrors
 
@@ -122,70 +67,24 @@ def torchvision_val_rate(folder: Path, res: int, batch_size: int, workers: int,
 
 def ffcv_val_rate(beton: Path, res: int, batch_size: int, workers: int, epochs: int,
                   decoder: str) -> float:
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import ToTensor
+    from qlnas.data.compare import uint8_loader
 
-    from qlnas.data.center_crop import DEFAULT_CROP_PCT, CenterCropDecoder
-    from qlnas.data.loaders import _max_sample_bytes
-
-    if decoder == "stock":
-        op = CenterCropRGBImageDecoder((res, res), DEFAULT_CROP_PCT)
-    else:
-        op = CenterCropDecoder((res, res), DEFAULT_CROP_PCT,
-                               max_jpeg_bytes=_max_sample_bytes(beton))
-    loader = Loader(str(beton), batch_size=batch_size, num_workers=workers,
-                    order=OrderOption.SEQUENTIAL, os_cache=True,
-                    pipelines={"image": [op, ToTensor()], "label": [IntDecoder(), ToTensor()]})
-    return _images_per_s(loader, epochs)
+    return _images_per_s(uint8_loader(beton, "val", res, batch_size, workers, decoder), epochs)
 
 
 def ffcv_rate(beton: Path, res: int, batch_size: int, workers: int, epochs: int,
               decoder: str) -> float:
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    from qlnas.data.compare import uint8_loader
 
-    from qlnas.data.decoders import ScaledRandomResizedCropDecoder
-    from qlnas.data.loaders import _max_sample_bytes
-
-    if decoder == "stock":
-        op = RandomResizedCropRGBImageDecoder((res, res))
-    else:
-        op = ScaledRandomResizedCropDecoder((res, res), max_jpeg_bytes=_max_sample_bytes(beton))
-    loader = Loader(str(beton), batch_size=batch_size, num_workers=workers,
-                    order=OrderOption.RANDOM, drop_last=True, os_cache=True, seed=0,
-                    pipelines={"image": [op, RandomHorizontalFlip(), ToTensor()],
-                               "label": [IntDecoder(), ToTensor()]})
-    return _images_per_s(loader, epochs)
+    return _images_per_s(uint8_loader(beton, "train", res, batch_size, workers, decoder), epochs)
 
 
 def decode_bound(beton: Path, res: int, samples: int = 2000, seed: int = 0) -> dict[str, float]:
     """Single-thread decode+resize cost of stock FFCV's path vs ours on the same random crops."""
-    from ffcv.fields.rgb_image import get_random_crop
-    from ffcv.reader import Reader
-
+    from qlnas.data.compare import random_crops
     from qlnas.data.decoders import decode_crop, decode_full
 
-    reader = Reader(str(beton))
-    meta = reader.metadata["f0"]
-    sizes = dict(zip(reader.alloc_table["sample_id"], reader.alloc_table["ptr"], strict=True))
-    lengths = dict(zip(reader.alloc_table["sample_id"], reader.alloc_table["size"], strict=True))
-    raw = np.fromfile(str(beton), dtype=np.uint8)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, reader.num_samples, samples)
-    jpegs, crops, dims = [], [], []
-    np.random.seed(seed)
-    for k in picks:
-        if meta["mode"][k] != 0:
-            continue
-        ptr, size = int(sizes[k]), int(lengths[k])
-        h, w = int(meta["height"][k]), int(meta["width"][k])
-        jpegs.append(raw[ptr:ptr + size].copy())
-        crops.append(get_random_crop(h, w, np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))))
-        dims.append((h, w))
+    jpegs, dims, crops = zip(*random_crops(beton, samples, seed), strict=True)
     max_h = max(h for h, _ in dims)
     max_w = max(w for _, w in dims)
     pixels = np.empty(3 * max_h * max_w, np.uint8)
@@ -283,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             table.append(row)
             print(format_row(row))
     if args.out:
+        from qlnas.bench.metrics import machine
         from qlnas.fileio import atomic_write_json
-        from qlnas.models.bench import machine
 
         result = {"machine": machine(), "images": len(list(folder.rglob("*.jpg"))),
                   "workers": args.workers, "batch_size": args.batch_size, "epochs": args.epochs,

@@ -2,12 +2,8 @@
 
 Every model runs in a fresh subprocess (so peak memory is its own, and one model's allocator
 state cannot slow the next) at the same resolution, batch and thread count; the parent prints
-images/s, peak memory and ratios to resnet50, and writes JSON (and a PNG of the ratios).
-
-Peak memory: on CPU the rise of the process's resident set (Linux VmHWM, reset before each
-phase through /proc/self/clear_refs) above what it was before the phase, so it counts
-activations, gradients, optimizer state and allocator slack, not the weights or the
-interpreter; on CUDA ``torch.cuda.max_memory_allocated`` during the phase.
+images/s, peak memory and ratios to resnet50, and writes JSON (and a PNG of the ratios). What
+peak memory counts: `qlnas.bench.metrics`.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,9 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlnas.bench.metrics import PeakMemory, bandwidth_gb_s, machine, op_traffic_bytes
+from qlnas.bench.report import add_ratios, plot, print_result, targets
+
 log = logging.getLogger(__name__)
 
-BASELINE = "resnet50"
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 ALLOCATORS = ("keep", "system", "jemalloc")
 # Models of the scaling sweep (a subset: each point is a full subprocess run).
@@ -91,54 +88,6 @@ class BenchConfig:
 
 # ---------------------------------------------------------------- worker (one model) ----
 
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_and_peak() -> tuple[int, int]:
-    """Current and peak resident set in bytes (Linux /proc; else psutil and ru_maxrss)."""
-    try:
-        fields = dict(line.split(":", 1) for line in
-                      Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-    except (OSError, KeyError):
-        import resource
-
-        import psutil
-        return psutil.Process().memory_info().rss, \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class _Memory:
-    """Peak memory of one phase (see the module docstring for what is measured)."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-
-    def __enter__(self) -> _Memory:
-        import torch
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            _reset_peak_rss()
-            self.start = _rss_and_peak()[0]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.peak = _rss_and_peak()[1] - self.start
-
-
 def _time_steps(step, cfg: BenchConfig) -> tuple[float, float, list[float]]:
     """Run warm-up and timed steps; returns (first step s, fastest step s, all timed s)."""
     import torch
@@ -162,57 +111,6 @@ def _time_steps(step, cfg: BenchConfig) -> tuple[float, float, list[float]]:
         sync()
         times.append(time.perf_counter() - t0)
     return first, min(times), times
-
-
-def op_traffic_bytes(fn) -> int:
-    """Bytes that the aten ops of `fn()` read and write, each operand counted once per op.
-
-    An estimate of DRAM traffic when no intermediate stays in cache (true for the MB-sized
-    activations here); the time it needs at the machine's bandwidth bounds memory-bound ops.
-    """
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    views = _view_ops()
-
-    class Count(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func._overloadpacket not in views:
-                flat = tree_flatten((args, kwargs, out))[0]
-                Count.total += sum(t.numel() * t.element_size() for t in flat
-                                   if isinstance(t, torch.Tensor))
-            return out
-
-    with Count():
-        fn()
-    return Count.total
-
-
-def _view_ops() -> set:
-    import torch
-    a = torch.ops.aten
-    return {a.view, a._unsafe_view, a.reshape, a.expand, a.t, a.transpose, a.permute,
-            a.as_strided, a.detach, a.alias, a.unsqueeze, a.squeeze, a.slice, a.split,
-            a.chunk, a.split_with_sizes, a.select, a.empty, a.empty_like, a.zeros_like,
-            a.ones_like, a.empty_strided, a.lift_fresh, a.clone}
-
-
-def bandwidth_gb_s(threads: int, mb: int = 256) -> float:
-    """Copy bandwidth (read + write) of this process with `threads` threads, best of 5."""
-    import torch
-    torch.set_num_threads(threads)
-    a = torch.ones(mb * 2**20 // 4)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / best / 1e9
 
 
 def _fuse_any(model):
@@ -267,7 +165,7 @@ def measure(name: str, cfg: BenchConfig, macs: bool = True) -> dict:
             with torch.inference_mode(), amp:
                 net(x)
 
-        with _Memory(cfg.device) as mem:
+        with PeakMemory(cfg.device) as mem:
             first, best, times = _time_steps(infer, cfg)
         row.update(infer_img_s=cfg.batch / best, infer_peak_mb=mem.peak / 2**20,
                    infer_first_s=first, infer_step_s=times,
@@ -286,7 +184,7 @@ def measure(name: str, cfg: BenchConfig, macs: bool = True) -> dict:
             loss.backward()
             opt.step()
 
-        with _Memory(cfg.device) as mem:
+        with PeakMemory(cfg.device) as mem:
             first, best, times = _time_steps(train, cfg)
         row.update(train_img_s=cfg.batch / best, train_peak_mb=mem.peak / 2**20,
                    train_first_s=first, train_step_s=times,
@@ -328,7 +226,7 @@ def run_model(name: str, cfg: BenchConfig, timeout: float = 900) -> dict:
 
 
 def _run_phase(name: str, cfg: BenchConfig, timeout: float, macs: bool) -> dict:
-    cmd = [sys.executable, "-m", "qlnas.models.bench", "--worker", name,
+    cmd = [sys.executable, "-m", "qlnas.bench.train_step", "--worker", name,
            "--config", json.dumps(dataclasses.asdict(cfg))] + ([] if macs else ["--no-macs"])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(cfg),
@@ -340,67 +238,6 @@ def _run_phase(name: str, cfg: BenchConfig, timeout: float, macs: bool) -> dict:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"model": name, "error": f"exit {proc.returncode}: {tail}"}
     return json.loads(lines[-1])
-
-
-def add_ratios(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
-    """Ratios to the baseline: speed, and speed per MAC (MAC throughput)."""
-    base = next((r for r in rows if r["model"] == baseline and "error" not in r), None)
-    for r in rows:
-        if base is None or "error" in r:
-            continue
-        for phase in ("train", "infer"):
-            key = f"{phase}_img_s"
-            if key in r and key in base:
-                r[f"{phase}_ratio"] = r[key] / base[key]
-                r[f"{phase}_mac_ratio"] = r[key] * r["gmacs"] / (base[key] * base["gmacs"])
-    return rows
-
-
-def table_rows(rows: list[dict]) -> list[dict]:
-    """The printed columns of each row."""
-    out = []
-    for r in rows:
-        if "error" in r:
-            out.append({"model": r["model"], "error": r["error"]})
-            continue
-        row = {"model": r["model"], "params_m": round(r["params_m"], 2),
-               "gmacs": round(r["gmacs"], 3)}
-        for phase in ("train", "infer"):
-            if f"{phase}_img_s" in r:
-                row[f"{phase}_img_s"] = round(r[f"{phase}_img_s"], 1)
-                row[f"{phase}_x_r50"] = round(r.get(f"{phase}_ratio", float("nan")), 2)
-                row[f"{phase}_per_mac_x_r50"] = round(r.get(f"{phase}_mac_ratio", float("nan")), 2)
-                row[f"{phase}_peak_mb"] = round(r[f"{phase}_peak_mb"])
-        if r.get("train_first_s") is not None and "train_img_s" in r:
-            row["train_first_s"] = round(r["train_first_s"], 1)
-        row["load"] = "/".join(f"{v:.1f}" for v in r.get("load_avg", []))
-        out.append(row)
-    keys = list(dict.fromkeys(k for row in out for k in row))
-    return [{k: row.get(k, "") for k in keys} for row in out]
-
-
-def machine() -> dict:
-    import torch
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu": _cpu_name(), "cpus": os.cpu_count()}
-    try:
-        import timm
-        info["timm"] = timm.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_table(names: list[str], cfg: BenchConfig, progress: bool = True,
@@ -417,38 +254,6 @@ def run_table(names: list[str], cfg: BenchConfig, progress: bool = True,
         if on_row is not None:
             on_row(add_ratios(rows))
     return add_ratios(rows)
-
-
-def plot(result: dict, path: Path) -> None:
-    """Bar chart of the train and inference ratios to resnet50 (one group per model)."""
-    try:
-        import matplotlib
-    except ImportError:
-        log.info("matplotlib not installed: no plot")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from qlnas.fileio import atomic_path
-
-    rows = [r for r in result["rows"] if "train_ratio" in r or "infer_ratio" in r]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    xs = range(len(rows))
-    for i, (phase, label) in enumerate((("train", "train step"), ("infer", "inference"))):
-        vals = [r.get(f"{phase}_ratio", 0.0) for r in rows]
-        ax.bar([x + (i - 0.5) * 0.4 for x in xs], vals, width=0.4, label=label)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(list(xs), [r["model"].replace("qlnet50_", "") for r in rows], rotation=40,
-                  ha="right", fontsize=8)
-    ax.set_ylabel("images/s relative to resnet50")
-    c = result["config"]
-    ax.set_title(f"{result['label']}: {c['device']}, {c['resolution']} px, batch {c['batch']}, "
-                 f"{c['threads']} threads", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- CLI ----
@@ -522,30 +327,6 @@ def _label(cfg: BenchConfig) -> str:
     return "-".join(parts)
 
 
-def _print_result(result: dict) -> None:
-    from qlnas.tables import format_rows
-    c = result["config"]
-    print(f"\n## {result['label']} ({result['machine'].get('gpu') or result['machine']['cpu']}, "
-          f"{c['threads']} threads, {c['resolution']} px, batch {c['batch']})")
-    print(format_rows(table_rows(result["rows"])))
-
-
-def targets(rows: list[dict], model: str = "qlnet50_eq3_softball_ds") -> dict:
-    """The issue's targets: Eq.(3) train >= 2.0x and inference >= 2.2x resnet50; no model
-    more than 20% slower per MAC than resnet50."""
-    eq3 = next((r for r in rows if r["model"] == model), {})
-    per_mac = {r["model"]: r.get("train_mac_ratio") for r in rows if "train_mac_ratio" in r}
-    per_mac_inf = {r["model"]: r.get("infer_mac_ratio") for r in rows if "infer_mac_ratio" in r}
-    return {
-        "eq3_train_ratio": eq3.get("train_ratio"),
-        "eq3_train_met": (eq3.get("train_ratio") or 0) >= 2.0,
-        "eq3_infer_ratio": eq3.get("infer_ratio"),
-        "eq3_infer_met": (eq3.get("infer_ratio") or 0) >= 2.2,
-        "per_mac_train_below_0.8": sorted(m for m, v in per_mac.items() if v < 0.8),
-        "per_mac_infer_below_0.8": sorted(m for m, v in per_mac_inf.items() if v < 0.8),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
@@ -587,11 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets(result["rows"])
     result["wall_s"] = time.perf_counter() - t0
     result["complete"] = True
-    _print_result(result)
-    for point in result.get("sweep", []):
-        print(f"\n### sweep: {point['resolution']} px, batch {point['batch']}")
-        from qlnas.tables import format_rows
-        print(format_rows(table_rows(point["rows"])))
+    print_result(result)
     print(f"\ntargets: {json.dumps(result['targets'])}")
     atomic_write_json(result, out / f"{label}.json")
     plot(result, out / f"{label}.png")

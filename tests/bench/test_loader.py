@@ -1,4 +1,4 @@
-from qlnas.data.bench import main
+from qlnas.bench.loader import main
 
 
 def test_benchmark_runs_on_a_tiny_input(tmp_path, capsys):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qlnas.models.bench import main
+from qlnas.bench.train_step import main
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = {"loader": "qlnas.data.bench", "train-step": "qlnas.models.bench"}
+BENCHES = {"loader": "qlnas.bench.loader", "train-step": "qlnas.bench.train_step"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
