@@ -33,7 +33,7 @@ def _check_choice(field_name: str, value: object, allowed: tuple) -> None:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """One QL-ConvNet variant (see ../shared/docs/architecture.md)."""
+    """One QL-ConvNet variant (see docs/architecture.md)."""
 
     form: str = "eq3"
     """Block equation: eq3..eq7 (the paper's forms) or glb (the GL-symmetric block)."""

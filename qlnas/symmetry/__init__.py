@@ -1,6 +1,6 @@
 """Weight-space symmetries of QL-ConvNets: streams and their groups, transforms, compression.
 
-See ../shared/docs/architecture.md §3-4 for what holds: monomial groups on the factorised
+See docs/architecture.md §5-6 for what holds: monomial groups on the factorised
 forms (Eq.(3)-(7)), GL(n) or O(n) on the GL block (``glb``).
 """
 

@@ -1,6 +1,6 @@
 """Lossless compression: choose group elements on the streams that make weights exactly zero.
 
-Only streams that carry GL(n) or O(n) (the GL block, ../shared/docs/architecture.md §4) can
+Only streams that carry GL(n) or O(n) (the GL block, docs/architecture.md §6) can
 do it; monomial groups move weights but never zero them. Strategies:
 
 - ``skip``: the skip projections S (1x1, stride 2) between consecutive streams: SVD where

@@ -3,7 +3,7 @@
 A stream is one stage's residual state u (``stage1`` .. ``stageS``). The stem's output is a
 stream of its own (``stem``) only when stage 1's first block projects it (stem width != stage
 width); otherwise it is stage 1's stream. The group on a stream is derived from the spec (see
-../shared/docs/architecture.md §3): GL, cut down by every op that touches the stream other
+docs/architecture.md §5): GL, cut down by every op that touches the stream other
 than through a 1x1 conv.
 """
 

@@ -1,4 +1,4 @@
-"""Streams and the groups derived from the spec (../shared/docs/architecture.md §3)."""
+"""Streams and the groups derived from the spec (docs/architecture.md §5)."""
 
 import pytest
 import timm
