@@ -32,6 +32,10 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("n,k,stride,h,w", [
     (6, 4, 1, 9, 9), (6, 4, 2, 9, 9), (5, 2, 1, 7, 11), (5, 2, 2, 8, 5), (3, 6, 2, 6, 7),
     (11, 3, 1, 4, 4), (64, 4, 1, 8, 8), (40, 4, 2, 5, 6), (1, 4, 1, 1, 1),
+    # 16 and 48 channels (whole vectors, and a 16-channel block after 32), widths that leave
+    # one to three pixels after the four-pixel steps, 1024 channels (the padded pixel stride)
+    (8, 2, 1, 5, 13), (12, 4, 1, 6, 18), (12, 4, 2, 7, 14), (256, 4, 1, 3, 5),
+    (256, 4, 2, 4, 3),
 ])
 def test_depthwise_forward_and_gradients(n, k, stride, h, w, channels_last):
     torch.manual_seed(0)

@@ -3,16 +3,21 @@
 // channels_last (NHWC) float32.
 //
 // oneDNN runs a multiplier > 1 through its generic grouped-conv code, 3-10x slower than
-// the memory traffic allows. Here every output pixel is a run of contiguous output channels:
-// each input row is first expanded to k copies of every channel (kept for the three output
-// rows that read it), after which every tap is one vectorised multiply-add over the channels.
-// The forward can also add a bias and multiply by another tensor (a BN folded into the conv,
-// then the block's element-wise product) before the result is written.
+// the memory traffic allows. Here each input row is first expanded to k copies of every
+// channel, with a zero pixel on either side (kept for the three output rows that read it);
+// then sixteen output channels at a time hold their nine taps in registers and sweep along
+// the row, four outputs at once at stride 1 sharing the loads of the six input pixels they
+// read. The input gradient at stride 1 is the same sweep over the output gradient with the
+// kernel turned by 180 degrees. The forward can also add a bias and multiply by another
+// tensor (a BN folded into the conv, then the block's element-wise product) before the
+// result is written.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <vector>
 
 namespace {
@@ -35,14 +40,37 @@ Geometry geometry(const torch::Tensor& x, int64_t k, int64_t stride) {
   return g;
 }
 
-// Eight floats, loaded and stored at any alignment; GCC maps the arithmetic to SIMD.
+// Eight and sixteen floats, loaded and stored at any alignment; GCC maps the arithmetic to
+// SIMD (one AVX-512 register for sixteen where -march=native has it, two AVX ones otherwise).
 typedef float vec8 __attribute__((vector_size(32), aligned(4)));
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 constexpr int64_t kBlock = 32;  // channels whose sums stay in (four) registers across taps
+constexpr int64_t kLanes = 16;  // channels of one vec16
 
 inline vec8 load(const float* p) { return *reinterpret_cast<const vec8*>(p); }
 inline void store(float* p, vec8 v) { *reinterpret_cast<vec8*>(p) = v; }
+inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+inline void store16(float* p, vec16 v) { *reinterpret_cast<vec16*>(p) = v; }
 
 typedef int vec8i __attribute__((vector_size(32)));
+
+// Zeroed floats on 64-byte boundaries, so sixteen-float loads of rows whose length is a
+// multiple of 16 never straddle two cache lines (std::vector only aligns to 16 bytes).
+class AlignedFloats {
+ public:
+  explicit AlignedFloats(int64_t count)
+      : data_(static_cast<float*>(std::aligned_alloc(64, ((count * 4 + 63) / 64) * 64 + 64))) {
+    if (!data_) throw std::bad_alloc();
+    std::fill(data_, data_ + count, 0.f);
+  }
+  ~AlignedFloats() { std::free(data_); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data() { return data_; }
+
+ private:
+  float* data_;
+};
 
 // out[p * k + c] = in[p] for c < k: each value repeated k times (SIMD shuffles for k = 2, 4).
 inline void expand(const float* __restrict__ in, float* __restrict__ out, int64_t count,
@@ -63,6 +91,10 @@ inline void expand(const float* __restrict__ in, float* __restrict__ out, int64_
       store(out + p * 2, __builtin_shuffle(v, vec8i{0, 0, 1, 1, 2, 2, 3, 3}));
       store(out + p * 2 + 8, __builtin_shuffle(v, vec8i{4, 4, 5, 5, 6, 6, 7, 7}));
     }
+  }
+  if (k == 1) {
+    std::copy(in, in + count, out);
+    return;
   }
   for (; p < count; ++p)
     for (int64_t c = 0; c < k; ++c) out[p * k + c] = in[p];
@@ -86,43 +118,171 @@ inline void sum_groups(const float* __restrict__ in, float* __restrict__ out, in
   }
 }
 
-// Rows of the input with each channel repeated k times, cached for the next output rows.
-class ExpandedRows {
+// Rows of a (B, H, W, n) tensor with each channel repeated k times and a zero pixel on
+// either side, cached for the next rows that read them; a row outside the image is all
+// zeros. With the padding every output pixel reads all nine taps, so the inner loops have no
+// bounds tests. A pixel takes `stride()` floats: n k rounded up to 16, plus 16 where that
+// is a multiple of 1024 bytes, so that the loops that walk one channel block along a row do not
+// land every load in the same cache set. Rows are asked for in increasing order, and the
+// three most recent stay (stride 1 and 2 read at most three consecutive rows).
+class PaddedRows {
  public:
-  ExpandedRows(const float* x, const Geometry& g) : x_(x), g_(g), buf_(3 * g.W * g.C), tag_{-1, -1, -1} {}
+  PaddedRows(const float* src, int64_t H, int64_t W, int64_t n, int64_t k)
+      : src_(src), H_(H), W_(W), n_(n), k_(k), stride_(pixel_stride(n * k)),
+        len_((W + 2) * stride_), buf_(4 * len_), tag_{-1, -1, -1} {}
 
-  const float* row(int64_t b, int64_t hi) {
-    const int64_t key = b * g_.H + hi;
+  static int64_t pixel_stride(int64_t C) {
+    const int64_t s = (C + 15) / 16 * 16;
+    return s % 256 == 0 ? s + 16 : s;
+  }
+
+  int64_t stride() const { return stride_; }
+
+  const float* row(int64_t b, int64_t h) {
+    if (h < 0 || h >= H_) return buf_.data() + 3 * len_;  // the zero row
+    const int64_t key = b * H_ + h;
     for (int i = 0; i < 3; ++i)
-      if (tag_[i] == key) return buf_.data() + i * g_.W * g_.C;
+      if (tag_[i] == key) return buf_.data() + i * len_;
     const int slot = next_;
     next_ = (next_ + 1) % 3;
     tag_[slot] = key;
-    float* __restrict__ out = buf_.data() + slot * g_.W * g_.C;
-    const float* __restrict__ in = x_ + key * g_.W * g_.n;
-    expand(in, out, g_.W * g_.n, g_.k);
+    float* out = buf_.data() + slot * len_;
+    const float* in = src_ + key * W_ * n_;
+    for (int64_t w = 0; w < W_; ++w)  // pixels 1 .. W
+      expand(in + w * n_, out + (w + 1) * stride_, n_, k_);
     return out;
   }
 
  private:
-  const float* x_;
-  Geometry g_;
-  std::vector<float> buf_;
+  const float* src_;
+  int64_t H_, W_, n_, k_, stride_, len_;
+  AlignedFloats buf_;
   int64_t tag_[3];
   int next_ = 0;
 };
 
-// out[o] = (bias[o] + sum_t a[t][o] * b[t][o]) * mul[o]; bias and mul may be null.
+// One output row of the 3x3 depthwise conv over channels-last rows of C channels:
+// out[wo][o] = (bias[o] + sum_{dy,dx} rows[dy][wo * S + dx][o] * w[3 dy + dx][o]) * mul[wo][o]
+// with rows padded as PaddedRows makes them; bias and mul may be null. Sixteen channels at a
+// time with their nine taps in registers; at stride 1 four outputs at once share the loads
+// of the six input pixels they read.
+template <int S>
+void conv_row(float* __restrict__ out, const float* const* rows, int64_t rs,
+              const float* __restrict__ w, const float* __restrict__ bias,
+              const float* __restrict__ mul, int64_t Wo, int64_t C) {
+  int64_t o = 0;
+  for (; o + kLanes <= C; o += kLanes) {
+    vec16 wr[9];
+    for (int t = 0; t < 9; ++t) wr[t] = load16(w + t * C + o);
+    const vec16 b0 = bias ? load16(bias + o) : vec16{};
+    int64_t wo = 0;
+    if (S == 1) {
+      for (; wo + 4 <= Wo; wo += 4) {
+        vec16 a0 = b0, a1 = b0, a2 = b0, a3 = b0;
+        for (int dy = 0; dy < 3; ++dy) {
+          const float* r = rows[dy] + wo * rs + o;
+          const vec16 x0 = load16(r), x1 = load16(r + rs), x2 = load16(r + 2 * rs);
+          const vec16 x3 = load16(r + 3 * rs), x4 = load16(r + 4 * rs), x5 = load16(r + 5 * rs);
+          const vec16 w0 = wr[3 * dy], w1 = wr[3 * dy + 1], w2 = wr[3 * dy + 2];
+          a0 += x0 * w0; a1 += x1 * w0; a2 += x2 * w0; a3 += x3 * w0;
+          a0 += x1 * w1; a1 += x2 * w1; a2 += x3 * w1; a3 += x4 * w1;
+          a0 += x2 * w2; a1 += x3 * w2; a2 += x4 * w2; a3 += x5 * w2;
+        }
+        float* dst = out + wo * C + o;
+        if (mul) {
+          const float* m = mul + wo * C + o;
+          a0 *= load16(m), a1 *= load16(m + C), a2 *= load16(m + 2 * C);
+          a3 *= load16(m + 3 * C);
+        }
+        store16(dst, a0), store16(dst + C, a1), store16(dst + 2 * C, a2);
+        store16(dst + 3 * C, a3);
+      }
+    }
+    for (; wo < Wo; ++wo) {
+      vec16 a = b0;
+      for (int dy = 0; dy < 3; ++dy) {
+        const float* r = rows[dy] + wo * S * rs + o;
+        a += load16(r) * wr[3 * dy];
+        a += load16(r + rs) * wr[3 * dy + 1];
+        a += load16(r + 2 * rs) * wr[3 * dy + 2];
+      }
+      if (mul) a *= load16(mul + wo * C + o);
+      store16(out + wo * C + o, a);
+    }
+  }
+  for (; o < C; ++o)
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      float a = bias ? bias[o] : 0.f;
+      for (int dy = 0; dy < 3; ++dy)
+        for (int dx = 0; dx < 3; ++dx) a += rows[dy][(wo * S + dx) * rs + o] * w[(3 * dy + dx) * C + o];
+      out[wo * C + o] = mul ? a * mul[wo * C + o] : a;
+    }
+}
+
+// acc[3 dy + dx][o] += sum_wo gy[wo][o] * rows[dy][wo * S + dx][o]: one output row's share
+// of the weight gradient, sixteen channels at a time with the nine sums in registers.
+template <int S>
+void weight_grad_row(float* __restrict__ acc, const float* __restrict__ gy,
+                     const float* const* rows, int64_t rs, int64_t Wo, int64_t C) {
+  int64_t o = 0;
+  for (; o + kLanes <= C; o += kLanes) {
+    vec16 s[9] = {};
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      const vec16 g = load16(gy + wo * C + o);
+      for (int dy = 0; dy < 3; ++dy) {
+        const float* r = rows[dy] + wo * S * rs + o;
+        s[3 * dy] += g * load16(r);
+        s[3 * dy + 1] += g * load16(r + rs);
+        s[3 * dy + 2] += g * load16(r + 2 * rs);
+      }
+    }
+    for (int t = 0; t < 9; ++t) store16(acc + t * C + o, load16(acc + t * C + o) + s[t]);
+  }
+  for (; o < C; ++o)
+    for (int64_t wo = 0; wo < Wo; ++wo)
+      for (int t = 0; t < 9; ++t)
+        acc[t * C + o] += gy[wo * C + o] * rows[t / 3][(wo * S + t % 3) * rs + o];
+}
+
+template <int S>
+void forward_rows(const float* xp, const float* wp, const float* bp, const float* op, float* yp,
+                  const Geometry& g) {
+  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
+    PaddedRows rows(xp, g.H, g.W, g.n, g.k);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / g.Ho, ho = r % g.Ho;
+      const float* in[3];
+      for (int dy = 0; dy < 3; ++dy) in[dy] = rows.row(b, ho * S - 1 + dy);
+      const int64_t at = r * g.Wo * g.C;
+      conv_row<S>(yp + at, in, rows.stride(), wp, bp, op ? op + at : nullptr, g.Wo, g.C);
+    }
+  });
+}
+
+template <int S>
+void weight_grad(const float* gp, const float* xp, float* gwp, const Geometry& g) {
+  const int64_t threads = at::get_num_threads();
+  AlignedFloats partial(threads * 9 * g.C);
+  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
+    float* acc = partial.data() + at::get_thread_num() * 9 * g.C;
+    PaddedRows rows(xp, g.H, g.W, g.n, g.k);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / g.Ho, ho = r % g.Ho;
+      const float* in[3];
+      for (int dy = 0; dy < 3; ++dy) in[dy] = rows.row(b, ho * S - 1 + dy);
+      weight_grad_row<S>(acc, gp + r * g.Wo * g.C, in, rows.stride(), g.Wo, g.C);
+    }
+  });
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t i = 0; i < 9 * g.C; ++i) gwp[i] += partial.data()[t * 9 * g.C + i];
+}
+
+// out[o] = sum_t a[t][o] * b[t][o] (the stride-2 input gradient's gather).
 inline void dot_taps(float* __restrict__ out, const float* const* a, const float* const* b,
-                     int taps, const float* __restrict__ bias, const float* __restrict__ mul,
-                     int64_t C) {
+                     int taps, int64_t C) {
   int64_t o = 0;
   for (; o + kBlock <= C; o += kBlock) {
     vec8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
-    if (bias) {
-      s0 = load(bias + o), s1 = load(bias + o + 8), s2 = load(bias + o + 16);
-      s3 = load(bias + o + 24);
-    }
     for (int t = 0; t < taps; ++t) {
       const float* at = a[t] + o;
       const float* bt = b[t] + o;
@@ -131,52 +291,65 @@ inline void dot_taps(float* __restrict__ out, const float* const* a, const float
       s2 += load(at + 16) * load(bt + 16);
       s3 += load(at + 24) * load(bt + 24);
     }
-    if (mul) {
-      s0 *= load(mul + o), s1 *= load(mul + o + 8), s2 *= load(mul + o + 16);
-      s3 *= load(mul + o + 24);
-    }
     store(out + o, s0), store(out + o + 8, s1), store(out + o + 16, s2);
     store(out + o + 24, s3);
   }
   for (; o < C; ++o) {
-    float acc = bias ? bias[o] : 0.f;
+    float acc = 0.f;
     for (int t = 0; t < taps; ++t) acc += a[t][o] * b[t][o];
-    out[o] = mul ? acc * mul[o] : acc;
+    out[o] = acc;
   }
 }
 
-// acc[dx * C + o] += sum_wo gy[wo][o] * xe[wo * s - 1 + dx][o] for the three taps dx of one
-// kernel row: 32 channels at a time, the three sums in registers across the whole row.
-inline void weight_grad_row(float* acc, const float* gy, const float* xe, const Geometry& g) {
-  const int64_t C = g.C;
-  int64_t o = 0;
-  for (; o + kBlock <= C; o += kBlock) {
-    vec8 s[3][4] = {};
-    for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      const float* gr = gy + wo * C + o;
-      const vec8 g0 = load(gr), g1 = load(gr + 8), g2 = load(gr + 16), g3 = load(gr + 24);
-      for (int dx = 0; dx < 3; ++dx) {
-        const int64_t wi = wo * g.s - 1 + dx;
-        if (wi < 0 || wi >= g.W) continue;
-        const float* xr = xe + wi * C + o;
-        s[dx][0] += g0 * load(xr);
-        s[dx][1] += g1 * load(xr + 8);
-        s[dx][2] += g2 * load(xr + 16);
-        s[dx][3] += g3 * load(xr + 24);
+// Stride 1: the input gradient is the same conv over gy with the kernel turned by 180
+// degrees, then the k copies of each channel summed.
+void input_grad_stride1(const float* gp, const float* wp, float* gxp, const Geometry& g) {
+  AlignedFloats flipped(9 * g.C);
+  for (int t = 0; t < 9; ++t)
+    std::copy(wp + (8 - t) * g.C, wp + (9 - t) * g.C, flipped.data() + t * g.C);
+  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
+    PaddedRows rows(gp, g.Ho, g.Wo, g.C, 1);
+    AlignedFloats full(g.W * g.C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / g.H, hi = r % g.H;
+      const float* in[3];
+      for (int dy = 0; dy < 3; ++dy) in[dy] = rows.row(b, hi - 1 + dy);
+      conv_row<1>(full.data(), in, rows.stride(), flipped.data(), nullptr, nullptr, g.W, g.C);
+      for (int64_t wi = 0; wi < g.W; ++wi)
+        sum_groups(full.data() + wi * g.C, gxp + (r * g.W + wi) * g.n, g.n, g.k);
+    }
+  });
+}
+
+// Any stride: each input pixel gathers the output pixels whose taps read it.
+void input_grad_gather(const float* gp, const float* wp, float* gxp, const Geometry& g) {
+  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(g.C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / g.H, hi = r % g.H;
+      for (int64_t wi = 0; wi < g.W; ++wi) {
+        const float* src[9];
+        const float* wts[9];
+        int taps = 0;
+        for (int64_t dy = 0; dy < 3; ++dy) {
+          const int64_t t = hi + 1 - dy;
+          if (t < 0 || t % g.s) continue;
+          const int64_t ho = t / g.s;
+          if (ho >= g.Ho) continue;
+          for (int64_t dx = 0; dx < 3; ++dx) {
+            const int64_t u = wi + 1 - dx;
+            if (u < 0 || u % g.s) continue;
+            const int64_t wo = u / g.s;
+            if (wo >= g.Wo) continue;
+            src[taps] = gp + ((b * g.Ho + ho) * g.Wo + wo) * g.C;
+            wts[taps++] = wp + (dy * 3 + dx) * g.C;
+          }
+        }
+        dot_taps(tmp.data(), src, wts, taps, g.C);
+        sum_groups(tmp.data(), gxp + (r * g.W + wi) * g.n, g.n, g.k);
       }
     }
-    for (int dx = 0; dx < 3; ++dx)
-      for (int v = 0; v < 4; ++v) {
-        float* a = acc + dx * C + o + 8 * v;
-        store(a, load(a) + s[dx][v]);
-      }
-  }
-  for (; o < C; ++o)
-    for (int64_t wo = 0; wo < g.Wo; ++wo)
-      for (int dx = 0; dx < 3; ++dx) {
-        const int64_t wi = wo * g.s - 1 + dx;
-        if (wi >= 0 && wi < g.W) acc[dx * C + o] += gy[wo * C + o] * xe[wi * C + o];
-      }
+  });
 }
 
 }  // namespace
@@ -192,34 +365,10 @@ torch::Tensor dw3x3_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor
   const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
   const float* op = other.numel() ? other.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
-    ExpandedRows rows(xp, g);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / g.Ho, ho = r % g.Ho;
-      const float* xe[3] = {nullptr, nullptr, nullptr};
-      for (int64_t dy = 0; dy < 3; ++dy) {
-        const int64_t hi = ho * g.s - 1 + dy;
-        if (hi >= 0 && hi < g.H) xe[dy] = rows.row(b, hi);
-      }
-      for (int64_t wo = 0; wo < g.Wo; ++wo) {
-        // The taps this output pixel reads (those inside the image).
-        const float* src[9];
-        const float* wts[9];
-        int taps = 0;
-        for (int64_t dy = 0; dy < 3; ++dy) {
-          if (!xe[dy]) continue;
-          for (int64_t dx = 0; dx < 3; ++dx) {
-            const int64_t wi = wo * g.s - 1 + dx;
-            if (wi < 0 || wi >= g.W) continue;
-            src[taps] = xe[dy] + wi * g.C;
-            wts[taps++] = wp + (dy * 3 + dx) * g.C;
-          }
-        }
-        const int64_t at = (r * g.Wo + wo) * g.C;
-        dot_taps(yp + at, src, wts, taps, bp, op ? op + at : nullptr, g.C);
-      }
-    }
-  });
+  if (g.s == 1)
+    forward_rows<1>(xp, wp, bp, op, yp, g);
+  else
+    forward_rows<2>(xp, wp, bp, op, yp, g);
   return y;
 }
 
@@ -235,55 +384,17 @@ std::vector<torch::Tensor> dw3x3_backward(torch::Tensor gy, torch::Tensor x,
   torch::Tensor gx, gw;
   if (need_x) {
     gx = torch::empty_like(x);
-    float* gxp = gx.data_ptr<float>();
-    at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> tmp(g.C);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / g.H, hi = r % g.H;
-        for (int64_t wi = 0; wi < g.W; ++wi) {
-          const float* src[9];
-          const float* wts[9];
-          int taps = 0;
-          for (int64_t dy = 0; dy < 3; ++dy) {
-            const int64_t t = hi + 1 - dy;
-            if (t < 0 || t % g.s) continue;
-            const int64_t ho = t / g.s;
-            if (ho >= g.Ho) continue;
-            for (int64_t dx = 0; dx < 3; ++dx) {
-              const int64_t u = wi + 1 - dx;
-              if (u < 0 || u % g.s) continue;
-              const int64_t wo = u / g.s;
-              if (wo >= g.Wo) continue;
-              src[taps] = gp + ((b * g.Ho + ho) * g.Wo + wo) * g.C;
-              wts[taps++] = wp + (dy * 3 + dx) * g.C;
-            }
-          }
-          dot_taps(tmp.data(), src, wts, taps, nullptr, nullptr, g.C);
-          sum_groups(tmp.data(), gxp + (r * g.W + wi) * g.n, g.n, g.k);
-        }
-      }
-    });
+    if (g.s == 1)
+      input_grad_stride1(gp, wp, gx.data_ptr<float>(), g);
+    else
+      input_grad_gather(gp, wp, gx.data_ptr<float>(), g);
   }
   if (need_w) {
-    const int64_t threads = at::get_num_threads();
-    std::vector<float> partial(threads * 9 * g.C, 0.f);
-    at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
-      float* acc = partial.data() + at::get_thread_num() * 9 * g.C;
-      ExpandedRows rows(xp, g);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / g.Ho, ho = r % g.Ho;
-        for (int64_t dy = 0; dy < 3; ++dy) {
-          const int64_t hi = ho * g.s - 1 + dy;
-          if (hi < 0 || hi >= g.H) continue;
-          const float* xe = rows.row(b, hi);
-          weight_grad_row(acc + dy * 3 * g.C, gp + r * g.Wo * g.C, xe, g);
-        }
-      }
-    });
     gw = torch::zeros({9, g.C}, x.options());
-    float* gwp = gw.data_ptr<float>();
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t i = 0; i < 9 * g.C; ++i) gwp[i] += partial[t * 9 * g.C + i];
+    if (g.s == 1)
+      weight_grad<1>(gp, xp, gw.data_ptr<float>(), g);
+    else
+      weight_grad<2>(gp, xp, gw.data_ptr<float>(), g);
   }
   return {gx, gw};
 }
