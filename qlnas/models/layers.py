@@ -50,11 +50,12 @@ def symbolic(x: torch.Tensor) -> bool:
 
 def _mkldnn_fusable(conv: nn.Module, x: torch.Tensor, other: torch.Tensor) -> bool:
     """Can conv(x) * other run as one oneDNN conv with a multiply post-op (CPU inference)?"""
-    return (not _REFERENCE and not symbolic(x) and isinstance(conv, nn.Conv2d)
-            and x.device.type == "cpu"
+    # is_compiling first: torch.compile must not trace mkldnn.is_available (a graph break).
+    return (not torch.compiler.is_compiling() and not _REFERENCE and not symbolic(x)
+            and isinstance(conv, nn.Conv2d) and x.device.type == "cpu"
             and x.dtype == torch.float32 and other.dtype == torch.float32
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.is_available()
             and _get_current_dispatch_mode() is None  # FLOP counters see the plain ops
             and _no_autograd(x, other, conv.weight))
 
