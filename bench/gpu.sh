@@ -18,23 +18,29 @@ CARD=$($PY -c "import torch; print(torch.cuda.get_device_name(0))" | tr -c 'A-Za
   | tr -s '-' | sed 's/-$//' | tr 'A-Z' 'a-z')
 COMMON=(--device cuda --resolution "$RES" --batch "$BATCH" --warmup 2 --steps 5 --model-timeout 60
         --channels-last --amp bf16 --out "$DEST")
-SUBSET=(qlnet50_eq3_softball_ds resnet50 qlnet50_eq5_softball_ds mobilenetv3_large_100)
+SUBSET=(qlnet50_eq3_softball_ds resnet50 qlnet50_glb_softball_ds qlnet50_eq5_softball_ds)
+MODELS=($($PY -c "import qlnas; from qlnas.models.complexity import TABLE1; print(' '.join(list(TABLE1) + ['qlnet50_glb_softball_ds']))"))
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
 start=$SECONDS
 # 0. The training path on CUDA (nccl, bf16 autocast, channels_last), about 30 s.
 timeout 60 $PY bench/gpu_smoke.py 2>&1 | tee "$DEST/gpu-smoke.txt" || echo "gpu smoke failed"
-# 1. Every Table 1 model, eager (about 3 minutes; the last H200 run needed 20 s a model).
-timeout 240 $PY -m qlnas.bench.train_step "${COMMON[@]}" --fuse --label "gpu-$CARD-eager" || echo "eager run failed or timed out"
+# 0b. Each depthwise kernel's bandwidth against the card's (Triton and cuDNN), about 30 s.
+timeout 60 $PY -m qlnas.bench.kernels --device cuda --dtype bfloat16 --resolution "$RES" \
+  --batch "$BATCH" --out "$DEST" --label "gpu-$CARD-kernels" || echo "kernel run failed or timed out"
+# 1. Every Table 1 model and glb softball, eager (about 3 minutes; 20 s a model on an H200).
+timeout 240 $PY -m qlnas.bench.train_step "${COMMON[@]}" --fuse --models "${MODELS[@]}" --label "gpu-$CARD-eager" || echo "eager run failed or timed out"
 # 1b. The Triton depthwise kernels (QLNAS_TRITON=1) against 1's cuDNN path (about 40 s).
 QLNAS_TRITON=1 timeout 60 $PY -m qlnas.bench.train_step "${COMMON[@]}" --fuse \
   --models qlnet50_eq3_softball_ds resnet50 --label "gpu-$CARD-triton" || echo "triton run failed or timed out"
-# 2. The "before": reference layers (folded shared conv), eager, a subset (about 1 minute).
-timeout 50 $PY -m qlnas.bench.train_step "${COMMON[@]}" --reference \
-  --models qlnet50_eq3_softball_ds resnet50 --label "gpu-$CARD-reference" || echo "reference run failed or timed out"
+# 2. (The "before", reference layers, is gpu-nvidia-h200-reference.json from 2026-11-28: dropped
+#    so the compiled runs fit.)
 # 3. torch.compile on a subset (compilation dominates: about 1 minute per model).
-left=$(( 465 - (SECONDS - start) ))
+left=$(( 450 - (SECONDS - start) ))
 if (( left > 60 )); then
   timeout "$left" $PY -m qlnas.bench.train_step "${COMMON[@]}" --fuse --compile --models "${SUBSET[@]}" \
     --label "gpu-$CARD-compile" || echo "compile run failed or timed out"
 fi
+# 4. Each model's faster of eager and compiled, with the targets.
+$PY -m qlnas.bench.report --best "$DEST/gpu-$CARD-eager.json" "$DEST/gpu-$CARD-compile.json" \
+  --label "gpu-$CARD-best" --out "$DEST" || echo "best-of merge failed"
 echo "gpu.sh done in $(( SECONDS - start )) s; results in $DEST"

@@ -1,11 +1,12 @@
-"""`qlnas bench loader|train-step ...`: the benchmarks under bench/, from the installed package."""
+"""`qlnas bench kernels|loader|train-step ...`: the benchmarks, from the installed package."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 
-BENCHES = {"loader": "qlnas.bench.loader", "train-step": "qlnas.bench.train_step"}
+BENCHES = {"kernels": "qlnas.bench.kernels", "loader": "qlnas.bench.loader",
+           "train-step": "qlnas.bench.train_step"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

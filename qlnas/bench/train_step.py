@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             result["sweep"].append({"resolution": res, "batch": batch,
                                     "rows": run_table(list(SWEEP_MODELS), point,
                                                       timeout=args.model_timeout)})
-    result["targets"] = targets(result["rows"])
+    result["targets"] = targets(result["rows"], cfg.device)
     result["wall_s"] = time.perf_counter() - t0
     result["complete"] = True
     print_result(result)
