@@ -94,6 +94,9 @@ def _kernels(layer: Layer, backend: str, device: str, dtype) -> dict[str, Callab
 
     from qlnas.models import native
 
+    problem = _unavailable(backend, device, dtype) if backend in BACKENDS else None
+    if problem:
+        raise RuntimeError(problem)
     ho, wo = layer.out_hw
     c = layer.n * layer.k
     cl = torch.channels_last
@@ -111,8 +114,6 @@ def _kernels(layer: Layer, backend: str, device: str, dtype) -> dict[str, Callab
         def conv_mul():
             return F.conv2d(x, weight, bias, layer.stride, 1, 1, layer.n) * other
     elif backend == "native":
-        if not native.eligible(x, weight):
-            raise RuntimeError(f"the native kernel does not run on {device} {dtype}")
 
         def conv(inp, wt):
             return native.depthwise3x3(inp, wt, layer.k, layer.stride)
@@ -121,8 +122,6 @@ def _kernels(layer: Layer, backend: str, device: str, dtype) -> dict[str, Callab
             return native.depthwise3x3_mul(x, weight, bias, other, layer.stride)
     elif backend == "triton":
         from qlnas.models import triton_dw
-        if not triton_dw.runs_on(x):
-            raise RuntimeError("the Triton kernels need CUDA (or TRITON_INTERPRET=1)")
 
         def conv(inp, wt):
             return triton_dw.depthwise3x3(inp, wt, layer.stride)

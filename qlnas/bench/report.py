@@ -24,6 +24,12 @@ def add_ratios(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
     return rows
 
 
+def same_columns(rows: list[dict]) -> list[dict]:
+    """Every row with every row's keys (blank where it has none), so a table has one header."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k, "") for k in keys} for row in rows]
+
+
 def table_rows(rows: list[dict]) -> list[dict]:
     """The printed columns of each row."""
     out = []
@@ -43,8 +49,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
             row["train_first_s"] = round(r["train_first_s"], 1)
         row["load"] = "/".join(f"{v:.1f}" for v in r.get("load_avg", []))
         out.append(row)
-    keys = list(dict.fromkeys(k for row in out for k in row))
-    return [{k: row.get(k, "") for k in keys} for row in out]
+    return same_columns(out)
 
 
 CPU_TRAIN = 2.0
@@ -123,8 +128,7 @@ def best_table(rows: list[dict]) -> list[dict]:
                 compile_s = r.get(f"{phase}_compile_s")
                 row[f"{phase}_compile_s"] = round(compile_s, 1) if compile_s else ""
         out.append(row)
-    keys = list(dict.fromkeys(k for row in out for k in row))
-    return [{k: row.get(k, "") for k in keys} for row in out]
+    return same_columns(out)
 
 
 def print_result(result: dict) -> None:
