@@ -75,13 +75,16 @@ class QLBlock(nn.Module):
         return self.act(self.shortcut(u) + self.drop_path(self.residual(u)))
 
     def dw_times(self, u: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """bn_dw(dw(u)) * other: one pass at inference once BN is folded (`fuse`), and the BN
-        and the product in one native op in CPU training."""
+        """bn_dw(dw(u)) * other: one pass at inference once BN is folded (`fuse`), and the
+        conv, the BN and the product in one native op in CPU training."""
         if torch.jit.is_scripting():
             return self.bn_dw(self.dw(u)) * other
         if isinstance(self.bn_dw, nn.Identity):
             return conv_mul(self.dw, u, other)
-        y = self.dw(u)
+        dw = self.dw
+        if dw.runs_native(u) and native.bn_mul_fusable(self.bn_dw, u, other):
+            return native.dw_bn_mul(u, dw.full_weight(), dw.k, dw.stride, self.bn_dw, other)
+        y = dw(u)
         if not (use_reference() or symbolic(y)) and native.bn_mul_fusable(self.bn_dw, y, other):
             return native.bn_mul(self.bn_dw, y, other)
         return self.bn_dw(y) * other

@@ -204,15 +204,22 @@ class DepthwiseConv3x3(nn.Module):
         # depthwise kernels are 3-6x faster than the folded conv (1 input channel, batch b n).
         return self._conv(x, self.full_weight(), groups)
 
+    def runs_native(self, x: torch.Tensor) -> bool:
+        """Does the fast forward run on the native CPU kernel for `x`?
+
+        A channel multiplier above 1 does where it can (oneDNN's generic grouped conv is 2-3x
+        slower); multiplier 1 is oneDNN's own depthwise kernel.
+        """
+        return (self.expand and self.k > 1 and not _REFERENCE and not symbolic(x)
+                and _triton_dw(x) is None and native.eligible(x, self.weight))
+
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-        # A channel multiplier above 1 runs on the native CPU kernel where it can (oneDNN's
-        # generic grouped conv is 2-3x slower); multiplier 1 is oneDNN's own depthwise kernel.
         if self.expand and self.k > 1 and not symbolic(x):
             tri = _triton_dw(x)
             if tri is not None:
                 return tri.depthwise3x3(x, weight, self.stride)
-            if native.eligible(x, weight):
-                return native.depthwise3x3(x, weight, self.k, self.stride)
+        if self.runs_native(x):
+            return native.depthwise3x3(x, weight, self.k, self.stride)
         return F.conv2d(x, weight, None, self.stride, 1, 1, groups)
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:

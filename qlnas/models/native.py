@@ -148,6 +148,36 @@ class _BnMulFn(torch.autograd.Function):
         return gy.permute(0, 3, 1, 2), gc.permute(0, 3, 1, 2), dgamma, dbeta, None
 
 
+class _DwBnMulFn(torch.autograd.Function):
+    """bn(dw(x)) * c: the conv sums the BN's statistics as it writes y, and its backward
+    computes the BN's gradient row by row as it reads it (stride 1), so y's gradient is never
+    written out."""
+
+    @staticmethod
+    def forward(ctx, x, weight, c, gamma, beta, k, stride, eps):
+        lib = library()
+        y, mean, invstd, var = lib.forward_stats(nhwc(x), taps(weight), k, stride, eps)
+        c = nhwc(c)
+        p = lib.bn_mul_apply(y, c, mean, invstd, gamma, beta)
+        ctx.k, ctx.stride = k, stride
+        ctx.save_for_backward(x, weight, y, c, mean, invstd, gamma, beta)
+        ctx.mark_non_differentiable(mean, var)
+        return p.permute(0, 3, 1, 2), mean, var
+
+    @staticmethod
+    def backward(ctx, gp, _mean, _var):
+        x, weight, y, c, mean, invstd, gamma, beta = ctx.saved_tensors
+        lib = library()
+        gp = nhwc(gp)
+        gc, dgamma, dbeta, a, b, d = lib.bn_mul_grad_sums(gp, y, c, mean, invstd, gamma, beta)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gw = lib.bn_backward(gp, y, c, a, b, d, nhwc(x), taps(weight), ctx.k, ctx.stride,
+                                 need_x, need_w)
+        gx = gx.permute(0, 3, 1, 2) if need_x else None
+        gw = gw.t().reshape(weight.shape) if need_w else None
+        return gx, gw, gc.permute(0, 3, 1, 2), dgamma, dbeta, None, None, None
+
+
 def bn_mul_fusable(bn: torch.nn.Module, y: torch.Tensor, c: torch.Tensor) -> bool:
     """Can bn(y) * c run as one native op? (A plain train-mode BN with running statistics.)"""
     return (type(bn) is torch.nn.BatchNorm2d and bn.training and bn.affine
@@ -155,14 +185,29 @@ def bn_mul_fusable(bn: torch.nn.Module, y: torch.Tensor, c: torch.Tensor) -> boo
             and eligible(y, c, bn.weight))
 
 
-def bn_mul(bn: torch.nn.BatchNorm2d, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """bn(y) * c for a train-mode BN, in two passes over the data each way instead of five
-    (and four instead of six backward); updates the BN's running statistics like BN does."""
-    out, mean, var = _BnMulFn.apply(y, c, bn.weight, bn.bias, bn.eps)
+def _track(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Update the BN's running statistics as a train-mode BN does."""
     with torch.no_grad():
         bn.running_mean.lerp_(mean, bn.momentum)
         bn.running_var.lerp_(var, bn.momentum)
         bn.num_batches_tracked.add_(1)
+
+
+def bn_mul(bn: torch.nn.BatchNorm2d, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """bn(y) * c for a train-mode BN, in two passes over the data each way instead of five
+    (and four instead of six backward); updates the BN's running statistics like BN does."""
+    out, mean, var = _BnMulFn.apply(y, c, bn.weight, bn.bias, bn.eps)
+    _track(bn, mean, var)
+    return out
+
+
+def dw_bn_mul(x: torch.Tensor, weight: torch.Tensor, k: int, stride: int,
+              bn: torch.nn.BatchNorm2d, c: torch.Tensor) -> torch.Tensor:
+    """bn(conv2d(x, weight, stride=stride, padding=1, groups=n)) * c for a train-mode BN
+    (`bn_mul_fusable`), weight (n k, 1, 3, 3): one pass over the conv's output fewer forward and
+    three fewer backward than the conv followed by `bn_mul`."""
+    out, mean, var = _DwBnMulFn.apply(x, weight, c, bn.weight, bn.bias, k, stride, bn.eps)
+    _track(bn, mean, var)
     return out
 
 

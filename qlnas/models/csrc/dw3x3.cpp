@@ -67,6 +67,7 @@ class AlignedFloats {
   AlignedFloats(const AlignedFloats&) = delete;
   AlignedFloats& operator=(const AlignedFloats&) = delete;
   float* data() { return data_; }
+  const float* data() const { return data_; }
 
  private:
   float* data_;
@@ -118,18 +119,47 @@ inline void sum_groups(const float* __restrict__ in, float* __restrict__ out, in
   }
 }
 
-// Rows of a (B, H, W, n) tensor with each channel repeated k times and a zero pixel on
-// either side, cached for the next rows that read them; a row outside the image is all
-// zeros. With the padding every output pixel reads all nine taps, so the inner loops have no
-// bounds tests. A pixel takes `stride()` floats: n k rounded up to 16, plus 16 where that
-// is a multiple of 1024 bytes, so that the loops that walk one channel block along a row do not
-// land every load in the same cache set. Rows are asked for in increasing order, and the
-// three most recent stay (stride 1 and 2 read at most three consecutive rows).
+// Padded rows filled from a (B, H, W, n) tensor with each channel repeated k times.
+struct Expanded {
+  const float* src;
+  int64_t W, n, k;
+  void fill(int64_t key, float* out, int64_t stride) const {
+    const float* in = src + key * W * n;
+    for (int64_t w = 0; w < W; ++w) expand(in + w * n, out + (w + 1) * stride, n, k);
+  }
+};
+
+// Padded rows of the gradient that reaches y through p = bn(y) * c in training,
+// gy = gp c a + y b + d per channel (`bn_grad_coefficients`), computed from gp, y and c as the
+// depthwise backward asks for them instead of written out and read back.
+struct BnGrad {
+  const float *gp, *y, *c, *a, *b, *d;
+  int64_t W, C;
+  // The C channels of gy at element offset `at`.
+  void pixel(int64_t at, float* __restrict__ o) const {
+    const float* __restrict__ g = gp + at;
+    const float* __restrict__ yr = y + at;
+    const float* __restrict__ cr = c + at;
+    for (int64_t ch = 0; ch < C; ++ch) o[ch] = g[ch] * cr[ch] * a[ch] + yr[ch] * b[ch] + d[ch];
+  }
+  void fill(int64_t key, float* out, int64_t stride) const {
+    for (int64_t w = 0; w < W; ++w) pixel((key * W + w) * C, out + (w + 1) * stride);
+  }
+};
+
+// Rows of C channels with a zero pixel on either side, filled by `Source` and cached for the
+// next rows that read them; a row outside the image is all zeros. With the padding every output
+// pixel reads all nine taps, so the inner loops have no bounds tests. A pixel takes `stride()`
+// floats: C rounded up to 16, plus 16 where that is a multiple of 1024 bytes, so that the loops
+// that walk one channel block along a row do not land every load in the same cache set. Rows
+// are asked for in increasing order, and the three most recent stay (stride 1 and 2 read at most
+// three consecutive rows).
+template <typename Source>
 class PaddedRows {
  public:
-  PaddedRows(const float* src, int64_t H, int64_t W, int64_t n, int64_t k)
-      : src_(src), H_(H), W_(W), n_(n), k_(k), stride_(pixel_stride(n * k)),
-        len_((W + 2) * stride_), buf_(4 * len_), tag_{-1, -1, -1} {}
+  PaddedRows(Source source, int64_t H, int64_t W, int64_t C)
+      : source_(source), H_(H), stride_(pixel_stride(C)), len_((W + 2) * stride_),
+        buf_(4 * len_), tag_{-1, -1, -1} {}
 
   static int64_t pixel_stride(int64_t C) {
     const int64_t s = (C + 15) / 16 * 16;
@@ -147,19 +177,22 @@ class PaddedRows {
     next_ = (next_ + 1) % 3;
     tag_[slot] = key;
     float* out = buf_.data() + slot * len_;
-    const float* in = src_ + key * W_ * n_;
-    for (int64_t w = 0; w < W_; ++w)  // pixels 1 .. W
-      expand(in + w * n_, out + (w + 1) * stride_, n_, k_);
+    source_.fill(key, out, stride_);  // pixels 1 .. W
     return out;
   }
 
  private:
-  const float* src_;
-  int64_t H_, W_, n_, k_, stride_, len_;
+  Source source_;
+  int64_t H_, stride_, len_;
   AlignedFloats buf_;
   int64_t tag_[3];
   int next_ = 0;
 };
+
+// The padded rows of x (B, H, W, n) with each channel repeated k times.
+PaddedRows<Expanded> expanded_rows(const float* x, int64_t H, int64_t W, int64_t n, int64_t k) {
+  return PaddedRows<Expanded>(Expanded{x, W, n, k}, H, W, n * k);
+}
 
 // One output row of the 3x3 depthwise conv over channels-last rows of C channels:
 // out[wo][o] = (bias[o] + sum_{dy,dx} rows[dy][wo * S + dx][o] * w[3 dy + dx][o]) * mul[wo][o]
@@ -220,15 +253,16 @@ void conv_row(float* __restrict__ out, const float* const* rows, int64_t rs,
 }
 
 // acc[3 dy + dx][o] += sum_wo gy[wo][o] * rows[dy][wo * S + dx][o]: one output row's share
-// of the weight gradient, sixteen channels at a time with the nine sums in registers.
+// of the weight gradient, sixteen channels at a time with the nine sums in registers; a pixel
+// of gy takes gs floats.
 template <int S>
-void weight_grad_row(float* __restrict__ acc, const float* __restrict__ gy,
+void weight_grad_row(float* __restrict__ acc, const float* __restrict__ gy, int64_t gs,
                      const float* const* rows, int64_t rs, int64_t Wo, int64_t C) {
   int64_t o = 0;
   for (; o + kLanes <= C; o += kLanes) {
     vec16 s[9] = {};
     for (int64_t wo = 0; wo < Wo; ++wo) {
-      const vec16 g = load16(gy + wo * C + o);
+      const vec16 g = load16(gy + wo * gs + o);
       for (int dy = 0; dy < 3; ++dy) {
         const float* r = rows[dy] + wo * S * rs + o;
         s[3 * dy] += g * load16(r);
@@ -241,22 +275,73 @@ void weight_grad_row(float* __restrict__ acc, const float* __restrict__ gy,
   for (; o < C; ++o)
     for (int64_t wo = 0; wo < Wo; ++wo)
       for (int t = 0; t < 9; ++t)
-        acc[t * C + o] += gy[wo * C + o] * rows[t / 3][(wo * S + t % 3) * rs + o];
+        acc[t * C + o] += gy[wo * gs + o] * rows[t / 3][(wo * S + t % 3) * rs + o];
 }
 
+// s1[o] += sum_w (row[w][o] - K[o]) and s2[o] += the squares, over one row of W pixels (hot in
+// cache right after it is written), summed in float along the row, then in double.
+void row_sums(const float* __restrict__ row, const float* __restrict__ K, int64_t W, int64_t C,
+              double* __restrict__ s1, double* __restrict__ s2) {
+  int64_t o = 0;
+  for (; o + kLanes <= C; o += kLanes) {
+    const vec16 k0 = load16(K + o);
+    vec16 a = {}, q = {};
+    for (int64_t w = 0; w < W; ++w) {
+      const vec16 d = load16(row + w * C + o) - k0;
+      a += d;
+      q += d * d;
+    }
+    for (int l = 0; l < kLanes; ++l) s1[o + l] += a[l], s2[o + l] += q[l];
+  }
+  for (; o < C; ++o) {
+    float a = 0.f, q = 0.f;
+    for (int64_t w = 0; w < W; ++w) {
+      const float d = row[w * C + o] - K[o];
+      a += d;
+      q += d * d;
+    }
+    s1[o] += a, s2[o] += q;
+  }
+}
+
+// The output rows of the conv; with `sums` (threads x 2C doubles) each thread also adds the
+// per-channel sums of (y - K) and (y - K)^2 of the rows it wrote, for a train-mode BN after it.
 template <int S>
 void forward_rows(const float* xp, const float* wp, const float* bp, const float* op, float* yp,
-                  const Geometry& g) {
+                  const Geometry& g, const float* K = nullptr, double* sums = nullptr) {
   at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
-    PaddedRows rows(xp, g.H, g.W, g.n, g.k);
+    auto rows = expanded_rows(xp, g.H, g.W, g.n, g.k);
+    double* s1 = sums ? sums + at::get_thread_num() * 2 * g.C : nullptr;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.Ho, ho = r % g.Ho;
       const float* in[3];
       for (int dy = 0; dy < 3; ++dy) in[dy] = rows.row(b, ho * S - 1 + dy);
       const int64_t at = r * g.Wo * g.C;
       conv_row<S>(yp + at, in, rows.stride(), wp, bp, op ? op + at : nullptr, g.Wo, g.C);
+      if (s1) row_sums(yp + at, K, g.Wo, g.C, s1, s1 + g.C);
     }
   });
+}
+
+// dw(x) at output pixel (0, 0, 0): a value of the data's own scale, which the statistics are
+// summed around so that a large mean does not cancel.
+std::vector<float> first_pixel(const float* xp, const float* wp, const Geometry& g) {
+  std::vector<float> out(g.C, 0.f);
+  for (int64_t dy = 0; dy < 3; ++dy)
+    for (int64_t dx = 0; dx < 3; ++dx) {
+      const int64_t h = dy - 1, w = dx - 1;
+      if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
+      for (int64_t o = 0; o < g.C; ++o)
+        out[o] += xp[(h * g.W + w) * g.n + o / g.k] * wp[(3 * dy + dx) * g.C + o];
+    }
+  return out;
+}
+
+// Sums the per-thread partial weight gradients into gw.
+void add_partials(const AlignedFloats& partial, int64_t threads, int64_t size, float* gwp) {
+  const float* src = partial.data();
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t i = 0; i < size; ++i) gwp[i] += src[t * size + i];
 }
 
 template <int S>
@@ -265,16 +350,15 @@ void weight_grad(const float* gp, const float* xp, float* gwp, const Geometry& g
   AlignedFloats partial(threads * 9 * g.C);
   at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
     float* acc = partial.data() + at::get_thread_num() * 9 * g.C;
-    PaddedRows rows(xp, g.H, g.W, g.n, g.k);
+    auto rows = expanded_rows(xp, g.H, g.W, g.n, g.k);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.Ho, ho = r % g.Ho;
       const float* in[3];
       for (int dy = 0; dy < 3; ++dy) in[dy] = rows.row(b, ho * S - 1 + dy);
-      weight_grad_row<S>(acc, gp + r * g.Wo * g.C, in, rows.stride(), g.Wo, g.C);
+      weight_grad_row<S>(acc, gp + r * g.Wo * g.C, g.C, in, rows.stride(), g.Wo, g.C);
     }
   });
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t i = 0; i < 9 * g.C; ++i) gwp[i] += partial.data()[t * 9 * g.C + i];
+  add_partials(partial, threads, 9 * g.C, gwp);
 }
 
 // out[o] = sum_t a[t][o] * b[t][o] (the stride-2 input gradient's gather).
@@ -301,24 +385,41 @@ inline void dot_taps(float* __restrict__ out, const float* const* a, const float
   }
 }
 
-// Stride 1: the input gradient is the same conv over gy with the kernel turned by 180
-// degrees, then the k copies of each channel summed.
-void input_grad_stride1(const float* gp, const float* wp, float* gxp, const Geometry& g) {
+// Stride 1, one sweep over the rows for both gradients, each row of gy (filled by `Source`)
+// made once per thread: the input gradient is the same conv over gy with the kernel turned by
+// 180 degrees, then the k copies of each channel summed; the weight gradient pairs the row of
+// gy with the three rows of x it read. gxp or gwp may be null.
+template <typename Source>
+void backward_stride1(Source gy, const float* xp, const float* wp, float* gxp, float* gwp,
+                      const Geometry& g) {
   AlignedFloats flipped(9 * g.C);
   for (int t = 0; t < 9; ++t)
     std::copy(wp + (8 - t) * g.C, wp + (9 - t) * g.C, flipped.data() + t * g.C);
+  const int64_t threads = at::get_num_threads();
+  AlignedFloats partial(gwp ? threads * 9 * g.C : 1);
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
-    PaddedRows rows(gp, g.Ho, g.Wo, g.C, 1);
-    AlignedFloats full(g.W * g.C);
+    PaddedRows<Source> grows(gy, g.Ho, g.Wo, g.C);
+    auto xrows = expanded_rows(xp, g.H, g.W, g.n, g.k);
+    AlignedFloats full(gxp ? g.W * g.C : 1);
+    float* acc = partial.data() + at::get_thread_num() * 9 * g.C;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / g.H, hi = r % g.H;
-      const float* in[3];
-      for (int dy = 0; dy < 3; ++dy) in[dy] = rows.row(b, hi - 1 + dy);
-      conv_row<1>(full.data(), in, rows.stride(), flipped.data(), nullptr, nullptr, g.W, g.C);
-      for (int64_t wi = 0; wi < g.W; ++wi)
-        sum_groups(full.data() + wi * g.C, gxp + (r * g.W + wi) * g.n, g.n, g.k);
+      const int64_t b = r / g.H, h = r % g.H;
+      const float* gin[3];
+      for (int dy = 0; dy < 3; ++dy) gin[dy] = grows.row(b, h - 1 + dy);
+      const int64_t gs = grows.stride();
+      if (gxp) {
+        conv_row<1>(full.data(), gin, gs, flipped.data(), nullptr, nullptr, g.W, g.C);
+        for (int64_t w = 0; w < g.W; ++w)
+          sum_groups(full.data() + w * g.C, gxp + (r * g.W + w) * g.n, g.n, g.k);
+      }
+      if (gwp) {
+        const float* xin[3];
+        for (int dy = 0; dy < 3; ++dy) xin[dy] = xrows.row(b, h - 1 + dy);
+        weight_grad_row<1>(acc, gin[1] + gs, gs, xin, xrows.stride(), g.Wo, g.C);
+      }
     }
   });
+  if (gwp) add_partials(partial, threads, 9 * g.C, gwp);
 }
 
 // Any stride: each input pixel gathers the output pixels whose taps read it.
@@ -372,38 +473,35 @@ torch::Tensor dw3x3_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor
   return y;
 }
 
-// Gradients of y = dw(x) (no bias, no product) given gy: (B, Ho, Wo, n*k).
-// Returns gx (B, H, W, n) if needed and gw (9, n*k) if needed.
-std::vector<torch::Tensor> dw3x3_backward(torch::Tensor gy, torch::Tensor x,
-                                          torch::Tensor weight, int64_t k, int64_t stride,
-                                          bool need_x, bool need_w) {
-  const Geometry g = geometry(x, k, stride);
-  const float* gp = gy.data_ptr<float>();
+namespace {
+
+// The gradients of the depthwise conv given gy's rows from `gy` (stride 1) or gy itself.
+std::vector<torch::Tensor> conv_backward(const float* gp, const torch::Tensor& x,
+                                         const torch::Tensor& weight, const Geometry& g,
+                                         bool need_x, bool need_w,
+                                         const BnGrad* bn_grad = nullptr) {
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   torch::Tensor gx, gw;
-  if (need_x) {
-    gx = torch::empty_like(x);
-    if (g.s == 1)
-      input_grad_stride1(gp, wp, gx.data_ptr<float>(), g);
+  if (need_x) gx = torch::empty_like(x);
+  if (need_w) gw = torch::zeros({9, g.C}, x.options());
+  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
+  float* gwp = need_w ? gw.data_ptr<float>() : nullptr;
+  if (g.s == 1) {
+    if (bn_grad)
+      backward_stride1(*bn_grad, xp, wp, gxp, gwp, g);
     else
-      input_grad_gather(gp, wp, gx.data_ptr<float>(), g);
-  }
-  if (need_w) {
-    gw = torch::zeros({9, g.C}, x.options());
-    if (g.s == 1)
-      weight_grad<1>(gp, xp, gw.data_ptr<float>(), g);
-    else
-      weight_grad<2>(gp, xp, gw.data_ptr<float>(), g);
+      backward_stride1(Expanded{gp, g.Wo, g.C, 1}, xp, wp, gxp, gwp, g);
+  } else {
+    if (gxp) input_grad_gather(gp, wp, gxp, g);
+    if (gwp) weight_grad<2>(gp, xp, gwp, g);
   }
   return {gx, gw};
 }
 
-// ---- train-mode BatchNorm followed by a product: p = bn(y) * c, in two passes each way ----
+// ---- train-mode BatchNorm followed by a product: p = bn(y) * c ----
 // y, c: (P, C) channels-last rows. Statistics are summed in float over blocks of rows, then in
-// double, around a per-channel shift (the first row), so large means do not cancel.
-
-namespace {
+// double, around a per-channel shift K (a pixel of the data), so large means do not cancel.
 
 constexpr int64_t kRowsPerFlush = 256;
 
@@ -413,6 +511,14 @@ void for_each_row(int64_t P, RowFn row_fn) {
   at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) row_fn(r);
   });
+}
+
+// The per-thread partial sums (threads x 2C) added up: 2C doubles.
+std::vector<double> reduce_threads(const std::vector<double>& total, int64_t threads, int64_t C) {
+  std::vector<double> sums(2 * C, 0.0);
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t i = 0; i < 2 * C; ++i) sums[i] += total[t * 2 * C + i];
+  return sums;
 }
 
 // Per-channel sums over all rows of f(row, acc_a, acc_b), run in parallel; returns 2*C doubles.
@@ -429,49 +535,61 @@ std::vector<double> channel_sums(int64_t P, int64_t C, RowFn row_fn) {
       for (int64_t i = 0; i < 2 * C; ++i) tot[i] += acc[i], acc[i] = 0.f;
     }
   });
-  std::vector<double> sums(2 * C, 0.0);
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t i = 0; i < 2 * C; ++i) sums[i] += total[t * 2 * C + i];
-  return sums;
+  return reduce_threads(total, threads, C);
 }
 
-}  // namespace
-
-// Returns p = bn(y) * c (P, C), the batch mean and 1/sqrt(var + eps) (biased var), and the
-// unbiased variance (for the running estimate).
-std::vector<torch::Tensor> bn_mul_forward(torch::Tensor y, torch::Tensor c, torch::Tensor gamma,
-                                          torch::Tensor beta, double eps) {
-  const int64_t C = y.size(-1), P = y.numel() / C;
-  const float* yp = y.data_ptr<float>();
-  const float* cp = c.data_ptr<float>();
-  std::vector<float> shift_k(yp, yp + C);
-  const float* K = shift_k.data();
-  auto sums = channel_sums(P, C, [&](int64_t r, float* __restrict__ s1, float* __restrict__ s2) {
-    const float* row = yp + r * C;
-    for (int64_t o = 0; o < C; ++o) {
-      const float d = row[o] - K[o];
-      s1[o] += d;
-      s2[o] += d * d;
-    }
-  });
-  auto opts = y.options();
+// The batch mean, 1/sqrt(var + eps) (biased var) and the unbiased variance (for the running
+// estimate) from the sums of (y - K) and (y - K)^2 over P rows.
+std::vector<torch::Tensor> batch_stats(const std::vector<double>& sums, const float* K,
+                                       int64_t P, int64_t C, double eps,
+                                       const torch::TensorOptions& opts) {
   auto mean = torch::empty({C}, opts), invstd = torch::empty({C}, opts);
   auto var_unbiased = torch::empty({C}, opts);
-  std::vector<float> scale(C), shift(C);
-  const float* gp = gamma.data_ptr<float>();
-  const float* bp = beta.data_ptr<float>();
   float* mean_p = mean.data_ptr<float>();
   float* invstd_p = invstd.data_ptr<float>();
   float* var_p = var_unbiased.data_ptr<float>();
   for (int64_t o = 0; o < C; ++o) {
     const double m1 = sums[o] / P;
     const double var = std::max(sums[C + o] / P - m1 * m1, 0.0);
-    const double mu = K[o] + m1, is = 1.0 / std::sqrt(var + eps);
-    mean_p[o] = static_cast<float>(mu);
-    invstd_p[o] = static_cast<float>(is);
+    mean_p[o] = static_cast<float>(K[o] + m1);
+    invstd_p[o] = static_cast<float>(1.0 / std::sqrt(var + eps));
     var_p[o] = static_cast<float>(P > 1 ? var * P / (P - 1) : var);
-    scale[o] = static_cast<float>(gp[o] * is);
-    shift[o] = static_cast<float>(bp[o] - mu * gp[o] * is);
+  }
+  return {mean, invstd, var_unbiased};
+}
+
+// gy of `src` for all of y's P pixels, written out.
+torch::Tensor bn_grad(const BnGrad& src, const torch::Tensor& y) {
+  auto gy = torch::empty_like(y);
+  float* gyp = gy.data_ptr<float>();
+  for_each_row(y.numel() / src.C, [&](int64_t r) { src.pixel(r * src.C, gyp + r * src.C); });
+  return gy;
+}
+
+}  // namespace
+
+// Gradients of y = dw(x) (no bias, no product) given gy: (B, Ho, Wo, n*k).
+// Returns gx (B, H, W, n) if needed and gw (9, n*k) if needed.
+std::vector<torch::Tensor> dw3x3_backward(torch::Tensor gy, torch::Tensor x,
+                                          torch::Tensor weight, int64_t k, int64_t stride,
+                                          bool need_x, bool need_w) {
+  return conv_backward(gy.data_ptr<float>(), x, weight, geometry(x, k, stride), need_x, need_w);
+}
+
+// p = (y - mean) * invstd * gamma + beta, times c.
+torch::Tensor bn_mul_apply(torch::Tensor y, torch::Tensor c, torch::Tensor mean,
+                           torch::Tensor invstd, torch::Tensor gamma, torch::Tensor beta) {
+  const int64_t C = y.size(-1), P = y.numel() / C;
+  const float* yp = y.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* mu = mean.data_ptr<float>();
+  const float* is = invstd.data_ptr<float>();
+  const float* ga = gamma.data_ptr<float>();
+  const float* be = beta.data_ptr<float>();
+  std::vector<float> scale(C), shift(C);
+  for (int64_t o = 0; o < C; ++o) {
+    scale[o] = static_cast<float>(double(ga[o]) * is[o]);
+    shift[o] = static_cast<float>(be[o] - double(mu[o]) * ga[o] * is[o]);
   }
   auto p = torch::empty_like(y);
   float* pp = p.data_ptr<float>();
@@ -483,13 +601,59 @@ std::vector<torch::Tensor> bn_mul_forward(torch::Tensor y, torch::Tensor c, torc
     float* __restrict__ out = pp + r * C;
     for (int64_t o = 0; o < C; ++o) out[o] = (yr[o] * sc[o] + sh[o]) * cr[o];
   });
-  return {p, mean, invstd, var_unbiased};
+  return p;
 }
 
-// Gradients of p = bn(y) * c: gy, gc, dgamma, dbeta.
-std::vector<torch::Tensor> bn_mul_backward(torch::Tensor gp, torch::Tensor y, torch::Tensor c,
-                                           torch::Tensor mean, torch::Tensor invstd,
-                                           torch::Tensor gamma, torch::Tensor beta) {
+// The batch mean, 1/sqrt(var + eps) and unbiased variance of y (P, C) over its rows.
+std::vector<torch::Tensor> bn_stats(torch::Tensor y, double eps) {
+  const int64_t C = y.size(-1), P = y.numel() / C;
+  const float* yp = y.data_ptr<float>();
+  std::vector<float> shift_k(yp, yp + C);
+  const float* K = shift_k.data();
+  auto sums = channel_sums(P, C, [&](int64_t r, float* __restrict__ s1, float* __restrict__ s2) {
+    const float* row = yp + r * C;
+    for (int64_t o = 0; o < C; ++o) {
+      const float d = row[o] - K[o];
+      s1[o] += d;
+      s2[o] += d * d;
+    }
+  });
+  return batch_stats(sums, K, P, C, eps, y.options());
+}
+
+// y = dw(x) (B, Ho, Wo, n*k) with its batch statistics summed as the rows are written (one pass
+// less over y than the conv and then a train-mode BN): y, mean, invstd, unbiased variance.
+std::vector<torch::Tensor> dw3x3_forward_stats(torch::Tensor x, torch::Tensor weight, int64_t k,
+                                               int64_t stride, double eps) {
+  const Geometry g = geometry(x, k, stride);
+  auto y = torch::empty({g.B, g.Ho, g.Wo, g.C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const std::vector<float> K = first_pixel(xp, wp, g);
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> total(threads * 2 * g.C, 0.0);
+  if (g.s == 1)
+    forward_rows<1>(xp, wp, nullptr, nullptr, yp, g, K.data(), total.data());
+  else
+    forward_rows<2>(xp, wp, nullptr, nullptr, yp, g, K.data(), total.data());
+  auto stats = batch_stats(reduce_threads(total, threads, g.C), K.data(), g.B * g.Ho * g.Wo,
+                           g.C, eps, x.options());
+  return {y, stats[0], stats[1], stats[2]};
+}
+
+// p = bn(y) * c with the batch statistics: p, mean, invstd, unbiased variance.
+std::vector<torch::Tensor> bn_mul_forward(torch::Tensor y, torch::Tensor c, torch::Tensor gamma,
+                                          torch::Tensor beta, double eps) {
+  auto stats = bn_stats(y, eps);
+  return {bn_mul_apply(y, c, stats[0], stats[1], gamma, beta), stats[0], stats[1], stats[2]};
+}
+
+// The first pass of the gradients of p = bn(y) * c: gc, dgamma, dbeta, and the per-channel
+// a, b, d of gy = gp c a + y b + d (the train-mode BN backward).
+std::vector<torch::Tensor> bn_mul_grad_sums(torch::Tensor gp, torch::Tensor y, torch::Tensor c,
+                                            torch::Tensor mean, torch::Tensor invstd,
+                                            torch::Tensor gamma, torch::Tensor beta) {
   const int64_t C = y.size(-1), P = y.numel() / C;
   const float* gpp = gp.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
@@ -504,7 +668,7 @@ std::vector<torch::Tensor> bn_mul_backward(torch::Tensor gp, torch::Tensor y, to
   const float* sh = shift.data();
   auto gc = torch::empty_like(c);
   float* gcp = gc.data_ptr<float>();
-  // Pass 1: gc = gp * bn(y); sums of gz = gp * c and of gz * (y - mean).
+  // gc = gp * bn(y); sums of gz = gp * c and of gz * (y - mean).
   auto sums = channel_sums(P, C, [&](int64_t r, float* __restrict__ s1, float* __restrict__ s2) {
     const float* __restrict__ g = gpp + r * C;
     const float* __restrict__ yr = yp + r * C;
@@ -517,39 +681,59 @@ std::vector<torch::Tensor> bn_mul_backward(torch::Tensor gp, torch::Tensor y, to
       s2[o] += gz * (yr[o] - mu[o]);
     }
   });
-  auto dgamma = torch::empty({C}, y.options()), dbeta = torch::empty({C}, y.options());
-  // Pass 2: gy = a gz + b y + d, the train-mode BN backward per channel.
-  std::vector<float> a(C), bcoef(C), d(C);
+  auto opts = y.options();
+  auto dgamma = torch::empty({C}, opts), dbeta = torch::empty({C}, opts);
+  auto a = torch::empty({C}, opts), b = torch::empty({C}, opts), d = torch::empty({C}, opts);
   float* dgamma_p = dgamma.data_ptr<float>();
   float* dbeta_p = dbeta.data_ptr<float>();
+  float* ap = a.data_ptr<float>();
+  float* bp = b.data_ptr<float>();
+  float* dp = d.data_ptr<float>();
   for (int64_t o = 0; o < C; ++o) {
     const double s_gz = sums[o], s_gzy = sums[C + o];
     dbeta_p[o] = static_cast<float>(s_gz);
     dgamma_p[o] = static_cast<float>(s_gzy * is[o]);
     const double ai = double(ga[o]) * is[o];
     const double bi = -ai * is[o] * is[o] * s_gzy / P;
-    a[o] = static_cast<float>(ai);
-    bcoef[o] = static_cast<float>(bi);
-    d[o] = static_cast<float>(-ai * s_gz / P - mu[o] * bi);
+    ap[o] = static_cast<float>(ai);
+    bp[o] = static_cast<float>(bi);
+    dp[o] = static_cast<float>(-ai * s_gz / P - mu[o] * bi);
   }
-  auto gy = torch::empty_like(y);
-  float* gyp = gy.data_ptr<float>();
-  const float* ap = a.data();
-  const float* bcp = bcoef.data();
-  const float* dp = d.data();
-  for_each_row(P, [&](int64_t r) {
-    const float* __restrict__ g = gpp + r * C;
-    const float* __restrict__ yr = yp + r * C;
-    const float* __restrict__ cr = cp + r * C;
-    float* __restrict__ out = gyp + r * C;
-    for (int64_t o = 0; o < C; ++o) out[o] = g[o] * cr[o] * ap[o] + yr[o] * bcp[o] + dp[o];
-  });
-  return {gy, gc, dgamma, dbeta};
+  return {gc, dgamma, dbeta, a, b, d};
+}
+
+// Gradients of p = bn(y) * c: gy, gc, dgamma, dbeta.
+std::vector<torch::Tensor> bn_mul_backward(torch::Tensor gp, torch::Tensor y, torch::Tensor c,
+                                           torch::Tensor mean, torch::Tensor invstd,
+                                           torch::Tensor gamma, torch::Tensor beta) {
+  auto first = bn_mul_grad_sums(gp, y, c, mean, invstd, gamma, beta);
+  const BnGrad src{gp.data_ptr<float>(), y.data_ptr<float>(), c.data_ptr<float>(),
+                   first[3].data_ptr<float>(), first[4].data_ptr<float>(),
+                   first[5].data_ptr<float>(), 1, y.size(-1)};
+  return {bn_grad(src, y), first[0], first[1], first[2]};
+}
+
+// Gradients of p = bn(dw(x)) * c given gp, with y = dw(x) and a, b, d from bn_mul_grad_sums:
+// gx and gw of the conv, gy computed row by row as the conv's backward reads it (stride 1).
+std::vector<torch::Tensor> dw3x3_bn_backward(torch::Tensor gp, torch::Tensor y, torch::Tensor c,
+                                             torch::Tensor a, torch::Tensor b, torch::Tensor d,
+                                             torch::Tensor x, torch::Tensor weight, int64_t k,
+                                             int64_t stride, bool need_x, bool need_w) {
+  const Geometry g = geometry(x, k, stride);
+  const BnGrad src{gp.data_ptr<float>(), y.data_ptr<float>(), c.data_ptr<float>(),
+                   a.data_ptr<float>(), b.data_ptr<float>(), d.data_ptr<float>(), g.Wo, g.C};
+  if (g.s == 1) return conv_backward(nullptr, x, weight, g, need_x, need_w, &src);
+  const torch::Tensor gy = bn_grad(src, y);  // stride 2 reads gy by pixel, not by row
+  return conv_backward(gy.data_ptr<float>(), x, weight, g, need_x, need_w);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &dw3x3_forward, "3x3 depthwise conv with multiplier (NHWC, fp32)");
   m.def("backward", &dw3x3_backward, "its input and weight gradients");
+  m.def("forward_stats", &dw3x3_forward_stats, "the conv and the batch statistics of its output");
   m.def("bn_mul_forward", &bn_mul_forward, "train-mode BatchNorm then a product (NHWC, fp32)");
+  m.def("bn_mul_apply", &bn_mul_apply, "the BatchNorm with given statistics, then the product");
   m.def("bn_mul_backward", &bn_mul_backward, "its gradients");
+  m.def("bn_mul_grad_sums", &bn_mul_grad_sums, "their first pass");
+  m.def("bn_backward", &dw3x3_bn_backward, "the conv's gradients through the BN and product");
 }
