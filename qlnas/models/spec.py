@@ -91,6 +91,10 @@ class ArchSpec:
             raise ValueError(f"ArchSpec.widths={widths}; expected positive integers")
         if any(not isinstance(d, int) or d < 1 for d in depths):
             raise ValueError(f"ArchSpec.depths={depths}; expected positive integers")
+        if not isinstance(self.stem_width, int) or isinstance(self.stem_width, bool) \
+                or self.stem_width < 1:
+            raise ValueError(f"ArchSpec.stem_width={self.stem_width!r}; expected a positive "
+                             "integer")
         if self.form == "eq5":
             reads = (self.stem_width,) + widths[:-1]
             for s, (n, m) in enumerate(zip(reads, widths, strict=True)):

@@ -75,6 +75,8 @@ def test_generic_entry_takes_spec_kwargs():
     ("act", "gelu", "none, relu"),
     ("act_at", "mid", "ds, all, none"),
     ("expansion", 0, ">= 1"),
+    ("stem_width", 0, "positive integer"),
+    ("stem_width", 32.0, "positive integer"),
 ])
 def test_invalid_spec_names_field(field, value, allowed):
     with pytest.raises(ValueError, match=f"ArchSpec.{field}=.*{allowed}"):
