@@ -107,9 +107,8 @@ def measure(path: Path, mode: str, batch: int, port: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ffcv.reader import Reader
-
     from qlnas.bench.photos import make_jpegs
+    from qlnas.data.integrity import open_beton
     from qlnas.data.order import stream_window
     from qlnas.data.writer import write_beton
 
@@ -124,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     beton = cache / f"train-{args.count}.beton"
     if not beton.exists():
         write_beton(src, beton, max_res=512, page_size=2 << 20)
-    reader = Reader(str(beton))
-    size, page = beton.stat().st_size, reader.page_size
+    size, page = beton.stat().st_size, open_beton(beton).page_size
     window = stream_window(args.batch, page)
     port = 29400 + os.getpid() % 500
     rows = {mode: measure(beton, mode, args.batch, port + k)

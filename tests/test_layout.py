@@ -64,3 +64,14 @@ def test_ffcv_is_imported_only_in_data():
 
 def test_ray_is_imported_only_in_search():
     assert offenders(["."], "ray", exempt="search") == []
+
+
+@pytest.mark.parametrize("banned", ["ffcv", "ray"])
+def test_scripts_outside_the_package_go_through_it(banned):
+    """bench/ and search.py (what `ray submit` runs) reach FFCV and Ray through qlnas."""
+    root = PACKAGE.parent
+    scripts = sorted((root / "bench").glob("*.py")) + [root / "search.py"]
+    assert len(scripts) > 2
+    found = [f"{path.relative_to(root)}: {name}" for path in scripts for name in imports(path)
+             if name == banned or name.startswith(banned + ".")]
+    assert found == []
