@@ -148,9 +148,6 @@ def format_row(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print images/s, ratios and the decode bound."""
-    from qlnas.data.demo import default_cache_dir
-    from qlnas.data.writer import write_beton
-
     p = argparse.ArgumentParser(prog="qlnas bench loader", description=__doc__)
     p.add_argument("--images", default=None,
                    help="ImageFolder tree of JPEGs (default: generated from scikit-image photos)")
@@ -167,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None,
                    help="also write loader.json (images/s, ratios, bound) to this folder")
     args = p.parse_args(argv)
+    from qlnas.data.demo import default_cache_dir  # FFCV and numba: after --help
+    from qlnas.data.writer import write_beton
+
     work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench-loader"
     folder = Path(args.images) if args.images else make_jpegs(work / f"jpegs-{args.count}",
                                                               args.count)

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 from qlnas.bench.loader import main
 
 
@@ -14,3 +17,13 @@ def test_benchmark_runs_on_a_tiny_input(tmp_path, capsys):
             assert part in row
     assert all(("decode bound" in row) == row.startswith("train") for row in rows)
     assert (tmp_path / "loader.json").is_file()
+
+
+def test_help_answers_before_ffcv_is_loaded():
+    # --help must not pay for FFCV's import and numba's start-up (seconds) before it prints.
+    code = ("import sys\nfrom qlnas.cli import main\n"
+            "try:\n    main(['bench', 'loader', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m == 'ffcv' or m.startswith('ffcv.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert "qlnas bench loader" in out.stdout and out.stdout.strip().endswith("[]")
