@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <new>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -558,6 +559,23 @@ std::vector<torch::Tensor> batch_stats(const std::vector<double>& sums, const fl
   return {mean, invstd, var_unbiased};
 }
 
+// The train-mode BN as y * scale + shift per channel.
+std::pair<std::vector<float>, std::vector<float>> bn_affine(
+    const torch::Tensor& mean, const torch::Tensor& invstd, const torch::Tensor& gamma,
+    const torch::Tensor& beta) {
+  const int64_t C = mean.numel();
+  const float* mu = mean.data_ptr<float>();
+  const float* is = invstd.data_ptr<float>();
+  const float* ga = gamma.data_ptr<float>();
+  const float* be = beta.data_ptr<float>();
+  std::vector<float> scale(C), shift(C);
+  for (int64_t o = 0; o < C; ++o) {
+    scale[o] = static_cast<float>(double(ga[o]) * is[o]);
+    shift[o] = static_cast<float>(be[o] - double(mu[o]) * ga[o] * is[o]);
+  }
+  return {scale, shift};
+}
+
 // gy of `src` for all of y's P pixels, written out.
 torch::Tensor bn_grad(const BnGrad& src, const torch::Tensor& y) {
   auto gy = torch::empty_like(y);
@@ -582,15 +600,7 @@ torch::Tensor bn_mul_apply(torch::Tensor y, torch::Tensor c, torch::Tensor mean,
   const int64_t C = y.size(-1), P = y.numel() / C;
   const float* yp = y.data_ptr<float>();
   const float* cp = c.data_ptr<float>();
-  const float* mu = mean.data_ptr<float>();
-  const float* is = invstd.data_ptr<float>();
-  const float* ga = gamma.data_ptr<float>();
-  const float* be = beta.data_ptr<float>();
-  std::vector<float> scale(C), shift(C);
-  for (int64_t o = 0; o < C; ++o) {
-    scale[o] = static_cast<float>(double(ga[o]) * is[o]);
-    shift[o] = static_cast<float>(be[o] - double(mu[o]) * ga[o] * is[o]);
-  }
+  const auto [scale, shift] = bn_affine(mean, invstd, gamma, beta);
   auto p = torch::empty_like(y);
   float* pp = p.data_ptr<float>();
   const float* sc = scale.data();
@@ -661,9 +671,7 @@ std::vector<torch::Tensor> bn_mul_grad_sums(torch::Tensor gp, torch::Tensor y, t
   const float* mu = mean.data_ptr<float>();
   const float* is = invstd.data_ptr<float>();
   const float* ga = gamma.data_ptr<float>();
-  const float* be = beta.data_ptr<float>();
-  std::vector<float> scale(C), shift(C);
-  for (int64_t o = 0; o < C; ++o) scale[o] = ga[o] * is[o], shift[o] = be[o] - mu[o] * scale[o];
+  const auto [scale, shift] = bn_affine(mean, invstd, gamma, beta);
   const float* sc = scale.data();
   const float* sh = shift.data();
   auto gc = torch::empty_like(c);
