@@ -47,6 +47,8 @@ typedef float vec8 __attribute__((vector_size(32), aligned(4)));
 typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 constexpr int64_t kBlock = 32;  // channels whose sums stay in (four) registers across taps
 constexpr int64_t kLanes = 16;  // channels of one vec16
+// Pixels whose statistics are summed in float before they are added to the double sums.
+constexpr int64_t kRowsPerFlush = 256;
 
 inline vec8 load(const float* p) { return *reinterpret_cast<const vec8*>(p); }
 inline void store(float* p, vec8 v) { *reinterpret_cast<vec8*>(p) = v; }
@@ -280,47 +282,54 @@ void weight_grad_row(float* __restrict__ acc, const float* __restrict__ gy, int6
 }
 
 // s1[o] += sum_w (row[w][o] - K[o]) and s2[o] += the squares, over one row of W pixels (hot in
-// cache right after it is written), summed in float along the row, then in double.
+// cache right after it is written).
 void row_sums(const float* __restrict__ row, const float* __restrict__ K, int64_t W, int64_t C,
-              double* __restrict__ s1, double* __restrict__ s2) {
+              float* __restrict__ s1, float* __restrict__ s2) {
   int64_t o = 0;
   for (; o + kLanes <= C; o += kLanes) {
     const vec16 k0 = load16(K + o);
-    vec16 a = {}, q = {};
+    vec16 a = load16(s1 + o), q = load16(s2 + o);
     for (int64_t w = 0; w < W; ++w) {
       const vec16 d = load16(row + w * C + o) - k0;
       a += d;
       q += d * d;
     }
-    for (int l = 0; l < kLanes; ++l) s1[o + l] += a[l], s2[o + l] += q[l];
+    store16(s1 + o, a), store16(s2 + o, q);
   }
-  for (; o < C; ++o) {
-    float a = 0.f, q = 0.f;
+  for (; o < C; ++o)
     for (int64_t w = 0; w < W; ++w) {
       const float d = row[w * C + o] - K[o];
-      a += d;
-      q += d * d;
+      s1[o] += d;
+      s2[o] += d * d;
     }
-    s1[o] += a, s2[o] += q;
-  }
 }
 
 // The output rows of the conv; with `sums` (threads x 2C doubles) each thread also adds the
-// per-channel sums of (y - K) and (y - K)^2 of the rows it wrote, for a train-mode BN after it.
+// per-channel sums of (y - K) and (y - K)^2 of the rows it wrote, for a train-mode BN after it:
+// in float over about kRowsPerFlush pixels, then in double.
 template <int S>
 void forward_rows(const float* xp, const float* wp, const float* bp, const float* op, float* yp,
                   const Geometry& g, const float* K = nullptr, double* sums = nullptr) {
   at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
     auto rows = expanded_rows(xp, g.H, g.W, g.n, g.k);
-    double* s1 = sums ? sums + at::get_thread_num() * 2 * g.C : nullptr;
+    double* tot = sums ? sums + at::get_thread_num() * 2 * g.C : nullptr;
+    AlignedFloats acc(tot ? 2 * g.C : 1);
+    int64_t pending = 0;
+    auto flush = [&] {
+      for (int64_t i = 0; i < 2 * g.C; ++i) tot[i] += acc.data()[i], acc.data()[i] = 0.f;
+      pending = 0;
+    };
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.Ho, ho = r % g.Ho;
       const float* in[3];
       for (int dy = 0; dy < 3; ++dy) in[dy] = rows.row(b, ho * S - 1 + dy);
       const int64_t at = r * g.Wo * g.C;
       conv_row<S>(yp + at, in, rows.stride(), wp, bp, op ? op + at : nullptr, g.Wo, g.C);
-      if (s1) row_sums(yp + at, K, g.Wo, g.C, s1, s1 + g.C);
+      if (!tot) continue;
+      row_sums(yp + at, K, g.Wo, g.C, acc.data(), acc.data() + g.C);
+      if ((pending += g.Wo) >= kRowsPerFlush) flush();
     }
+    if (tot && pending) flush();
   });
 }
 
@@ -503,8 +512,6 @@ std::vector<torch::Tensor> conv_backward(const float* gp, const torch::Tensor& x
 // ---- train-mode BatchNorm followed by a product: p = bn(y) * c ----
 // y, c: (P, C) channels-last rows. Statistics are summed in float over blocks of rows, then in
 // double, around a per-channel shift K (a pixel of the data), so large means do not cancel.
-
-constexpr int64_t kRowsPerFlush = 256;
 
 // row_fn(r) for every row r in [0, P), in parallel.
 template <typename RowFn>
