@@ -16,7 +16,6 @@ import pytest
 from qlnas.search import pruning
 from qlnas.search.pruning import PruningScheduler, make_pruner
 from qlnas.search.searcher import QLOptunaSearch
-from qlnas.search.study import study_ref
 from tests.search.test_search import FIXED, study_trials
 
 State = optuna.trial.TrialState
@@ -225,12 +224,12 @@ arch:
   form: eq3
   act: softball
 recipe:
-  lr: [0.3, 0.2, 1.0e-05]
+  lr: {lrs}
 search:
-  num_trials: 3
+  num_trials: {trials}
   searcher: grid
   seed: 3
-  study_name: pruning   # Hyperband's brackets follow it: see the test
+  study_name: pruning   # Hyperband's brackets follow it: see test_hyperband_brackets_...
 pruning:
   pruner: {pruner}
   grace_epochs: 1
@@ -251,33 +250,46 @@ def records(out: Path) -> list[dict]:
                   key=lambda r: r["started"])
 
 
+@pytest.mark.parametrize("name,bracket_ids", [("pruning", {0}), ("space", {0, 1})])
+def test_hyperband_brackets_follow_the_study_name(name, bracket_ids):
+    """Optuna's Hyperband puts each trial in a bracket by a hash of the study's name and the
+    trial's number, and compares trials only within one. Under "pruning" a search's first three
+    trials share a bracket, so a poor third one meets the other two; under "space" (a space
+    file's name, the default) the third is alone in the second bracket and trains all its
+    epochs. (The searches below run the shipped spaces' pruners, median and ASHA, through the
+    same stop path; Hyperband's decisions are the unit tests' above.)"""
+    hb = make_pruner("hyperband", 1, 3, SEARCH_EPOCHS)
+    study = optuna.create_study(study_name=name, direction="maximize", pruner=hb)
+    for _ in range(3):
+        study.ask()
+    hb._try_initialization(study)
+    assert {hb._get_bracket_id(study, t) for t in study.trials} == bracket_ids
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("pruner", ["median", "hyperband", "asha"])
-def test_a_pruner_stops_a_poor_trial_from_inside(pruner, tmp_path, local_ray):
-    """Median, Hyperband and ASHA on the same space: the poor trial is pruned from inside
-    (before its last epoch, its workers freed), the first one trains all its epochs."""
+@pytest.mark.parametrize("pruner,lrs,order", [
+    # The median pruner judges from its third trial on (n_startup_trials=2); ASHA from its
+    # second, at its first rung.
+    ("median", "[0.3, 0.2, 1.0e-05]", [0.2, 0.3, 1e-05]),
+    ("asha", "[1.0e-05, 0.2]", [0.2, 1e-05]),
+])
+def test_a_pruner_stops_a_poor_trial_from_inside(pruner, lrs, order, tmp_path, local_ray):
+    """The shipped spaces' pruners (demo: median, imagenet100: ASHA): the poor trial is pruned
+    from inside (before its last epoch, its workers freed), the first one trains all its
+    epochs."""
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(pruner=pruner, epochs=SEARCH_EPOCHS))
+    space.write_text(SPACE.format(pruner=pruner, epochs=SEARCH_EPOCHS, lrs=lrs,
+                                  trials=len(order)))
     out = tmp_path / "out"
     address = local_ray.get_runtime_context().gcs_address
     proc = search(address, "--space", str(space), "--out", str(out))
     finished = time.time()
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = records(out)
-    assert [r["params"]["lr"] for r in recs] == [0.2, 0.3, 1e-05], "grid order changed"
+    assert [r["params"]["lr"] for r in recs] == order, "grid order changed"
     status = {r["params"]["lr"]: r["status"] for r in recs}
     assert status[0.2] == "completed" and status[1e-05] == "pruned", status
     optuna_trials = study_trials(out)
-    if pruner == "hyperband":
-        # Optuna's Hyperband puts each trial in a bracket by a hash of the study's name and the
-        # trial's number, and compares trials only within one. Under this name the three
-        # share a bracket, so lr 1e-5 meets the others (under "space", the file's name, it is
-        # alone in the second bracket and trains all its epochs).
-        hb = make_pruner("hyperband", 1, 3, SEARCH_EPOCHS)
-        loaded = study_ref(out).load()
-        assert loaded.study_name == "pruning"
-        hb._try_initialization(loaded)
-        assert {hb._get_bracket_id(loaded, t) for t in loaded.trials} == {0}
     rows = json.loads(subprocess.run([sys.executable, "-m", "qlnas.cli", "report", str(out),
                                       "--format", "json"], capture_output=True, text=True,
                                      timeout=120).stdout)
