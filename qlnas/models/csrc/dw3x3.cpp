@@ -411,7 +411,7 @@ void backward_stride1(Source gy, const float* xp, const float* wp, float* gxp, f
     PaddedRows<Source> grows(gy, g.Ho, g.Wo, g.C);
     auto xrows = expanded_rows(xp, g.H, g.W, g.n, g.k);
     AlignedFloats full(gxp ? g.W * g.C : 1);
-    float* acc = partial.data() + at::get_thread_num() * 9 * g.C;
+    float* acc = gwp ? partial.data() + at::get_thread_num() * 9 * g.C : nullptr;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.H, h = r % g.H;
       const float* gin[3];
