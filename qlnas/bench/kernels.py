@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qlnas.bench.metrics import machine
-    from qlnas.fileio import atomic_write_json
+    from qlnas.bench.report import results_dir, write_result
     from qlnas.tables import format_rows
 
     args = _parser().parse_args(argv)
@@ -345,15 +344,13 @@ def main(argv: list[str] | None = None) -> int:
               "nominal_gb_s": nominal, "rows": _with_peaks(rows, copy, nominal),
               "totals": _with_peaks(totals(rows), copy, nominal)}
     label = args.label or f"kernels-{args.device}-{args.resolution}px-b{args.batch}"
-    out = Path(args.out or os.environ.get("OUT") or "bench/results")
+    out = results_dir(args.out)
     print(f"\n## {label}: {args.model} on {card}, {args.dtype}; copy bandwidth {copy:.0f} GB/s"
           + (f", nominal {nominal:.0f} GB/s" if nominal else ""))
     print(format_rows(result["rows"]))
     print("\n### over the model (each layer as often as it occurs)")
     print(format_rows(result["totals"]))
-    atomic_write_json(result, out / f"{label}.json")
-    plot(result, out / f"{label}.png")
-    print(f"wrote {out / (label + '.json')} and .png")
+    write_result(result, out, label, plot)
     return 0
 
 

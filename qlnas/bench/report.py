@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,21 @@ def add_ratios(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
                 r[f"{phase}_ratio"] = r[key] / base[key]
                 r[f"{phase}_mac_ratio"] = r[key] * r["gmacs"] / (base[key] * base["gmacs"])
     return rows
+
+
+def results_dir(out: str | None) -> Path:
+    """Where results go: --out, else $OUT (what the device machine sends back), else
+    bench/results."""
+    return Path(out or os.environ.get("OUT") or "bench/results")
+
+
+def write_result(result: dict, out: Path, label: str, plot_png, note: str = "") -> None:
+    """`label`.json (written whole or not at all) and `label`.png, drawn by `plot_png`."""
+    from qlnas.fileio import atomic_write_json
+
+    atomic_write_json(result, out / f"{label}.json")
+    plot_png(result, out / f"{label}.png")
+    print(f"wrote {out / (label + '.json')} and .png{note}")
 
 
 def same_columns(rows: list[dict]) -> list[dict]:
@@ -181,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     targets."""
     import argparse
     import json
-    import os
     import sys
 
     from qlnas.fileio import atomic_write_json
@@ -212,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## {args.label}: fastest of {', '.join(merged['sources'])}")
     print(format_rows(best_table(rows)))
     print(f"\ntargets: {json.dumps(merged['targets'])}")
-    out = Path(args.out or os.environ.get("OUT") or "bench/results")
-    atomic_write_json(merged, out / f"{args.label}.json")
+    atomic_write_json(merged, results_dir(args.out) / f"{args.label}.json")
     return 0
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlnas.bench.metrics import PeakMemory, bandwidth_gb_s, machine, op_traffic_bytes
-from qlnas.bench.report import add_ratios, plot, print_result, targets
+from qlnas.bench.report import add_ratios, plot, print_result, results_dir, targets, write_result
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = args.models or list(TABLE1)
     label = args.label or _label(cfg)
-    out = Path(args.out or os.environ.get("OUT") or "bench/results")
+    out = results_dir(args.out)
     t0 = time.perf_counter()
     result = {"label": label, "machine": machine(), "config": dataclasses.asdict(cfg),
               "complete": False, "rows": []}
@@ -370,9 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     result["complete"] = True
     print_result(result)
     print(f"\ntargets: {json.dumps(result['targets'])}")
-    atomic_write_json(result, out / f"{label}.json")
-    plot(result, out / f"{label}.png")
-    print(f"wrote {out / (label + '.json')} and .png ({result['wall_s']:.0f} s)")
+    write_result(result, out, label, plot, note=f" ({result['wall_s']:.0f} s)")
     return 0
 
 
