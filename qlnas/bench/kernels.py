@@ -286,7 +286,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
-                   help="default: reference and native on CPU, reference and triton on CUDA")
+                   help="default: reference and native on CPU, reference and triton on CUDA, "
+                        "less those that do not run in --dtype")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--reps", type=int, default=3, help="calls per timed round (5 rounds)")
     p.add_argument("--label", default=None)
@@ -311,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device here", file=sys.stderr)
         return 2
-    backends = args.backends or (["reference", "native"] if args.device == "cpu"
-                                 else ["reference", "triton"])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
+    backends = args.backends or [  # the defaults that run here; an asked-for one must run
+        b for b in (("reference", "native") if args.device == "cpu" else ("reference", "triton"))
+        if _unavailable(b, args.device, dtype) is None]
     try:
         layers = model_layers(args.model, args.resolution, args.batch)
     except RuntimeError as exc:  # timm's unknown-model error

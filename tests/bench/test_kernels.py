@@ -68,6 +68,16 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_default_backends_are_those_that_run_in_the_dtype(tmp_path):
+    # CPU bfloat16: the native kernel is float32 only, so the default is the reference alone
+    # (it used to stop with the error meant for an explicit --backends native).
+    assert main(["--dtype", "bfloat16", "--resolution", "8", "--batch", "1", "--reps", "1",
+                 "--out", str(tmp_path), "--label", "k"]) == 0
+    result = json.loads((tmp_path / "k.json").read_text())
+    assert {r["backend"] for r in result["rows"]} == {"reference"}
+    assert result["dtype"] == "bfloat16"
+
+
 @pytest.mark.slow
 def test_triton_backend_runs_in_the_interpreter():
     pytest.importorskip("triton")
