@@ -256,7 +256,8 @@ def _build(path: str, decoder: Operation, *, batch_size: int, device: str | torc
     image = [decoder] + ([RandomHorizontalFlip()] if flip else [])
     image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True),
               NormalizeOnDevice()]
-    label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+    # Squeeze(1), not Squeeze(): a last batch of one sample keeps its batch dimension.
+    label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
     loader = GuardedLoader(path, batch_size=batch_size, num_workers=num_workers,
                            os_cache=mode == "cached", order=OrderOption.SEQUENTIAL,
                            drop_last=drop_last, pipelines={"image": image, "label": label})

@@ -82,6 +82,17 @@ def test_val_reads_every_sample_in_order(demo_betons):
         loader.set_resolution(64)
 
 
+@pytest.mark.parametrize("mode", ["cached", "streamed"])
+def test_a_last_batch_of_one_sample(demo_betons, mode):
+    # The paper recipe on 8 ranks (24 a rank, 625 val samples each) ends every rank's val
+    # epoch with one sample; its label batch must stay 1-D (it used to squeeze to 0-d).
+    n = Reader(str(demo_betons[1])).num_samples
+    loader = build_val_loader(demo_betons[1], batch_size=n - 1, resolution=16, mode=mode)
+    batches = [(tuple(x.shape), tuple(y.shape)) for x, y in loader]
+    assert batches == [((n - 1, 3, 16, 16), (n - 1,)), ((1, 3, 16, 16), (1,))]
+    assert labels_of(loader) == Reader(str(demo_betons[1])).metadata["f1"].tolist()
+
+
 def test_streamed_train_reads_its_paged_order(demo_betons):
     """Streamed: FFCV's per-process page cache, fed the paged order of (seed, epoch)."""
     loader = build_train_loader(demo_betons[0], batch_size=100, resolution=32, seed=4,
