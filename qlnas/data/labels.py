@@ -94,8 +94,9 @@ def scan_labelled(src: str | os.PathLike, labels_file: str | os.PathLike,
                   known: list[str] | None = None) -> tuple[list[str], list[Sample]]:
     """The sorted class names and the samples of the flat folder `src` labelled by
     `labels_file`. Every image must have a label and every label an image; with `known`, every
-    label a class of that list (which then is the class list, so that classes without images
-    keep their index); `subset` selects classes as it does for class folders."""
+    label of a selected class a class of that list (which then is the class list, so that
+    classes without images keep their index); `subset` selects classes as it does for class
+    folders (ImageNet's val labels all 1,000: the others are dropped)."""
     src, labels_file = Path(src), Path(labels_file)
     if not src.is_dir():
         raise UserError(f"{src}: source folder not found (expected a flat folder of images "
@@ -110,6 +111,7 @@ def scan_labelled(src: str | os.PathLike, labels_file: str | os.PathLike,
     for p in files:  # LOC_val_solution.csv names images without their extension
         by_key.setdefault(p.stem, p)
     allowed = set(known) if known is not None else None
+    wanted = set(subset) if subset is not None else None  # labels of other classes are dropped
     labelled: dict[Path, str] = {}
     for name, (wnid, number) in labels.items():
         image = by_key.get(name)
@@ -117,7 +119,7 @@ def scan_labelled(src: str | os.PathLike, labels_file: str | os.PathLike,
             raise UserError(f"{labels_file} line {number}: image '{name}' is not in {src}")
         if image in labelled:
             raise UserError(f"{labels_file} line {number}: '{name}' labels {image.name} again")
-        if allowed is not None and wnid not in allowed:
+        if allowed is not None and wnid not in allowed and (wanted is None or wnid in wanted):
             raise UserError(f"{labels_file} line {number}: class '{wnid}' of '{name}' is not "
                             f"one of the {len(known)} known classes (--classes)")
         labelled[image] = wnid

@@ -102,6 +102,21 @@ def test_plain_list_with_subset_and_known_classes(flat_val, photo_beton, tmp_pat
     check_samples(out, part, few)
 
 
+def test_readme_command_subset_val_against_a_subset_train(flat_val, photo_tree, tmp_path):
+    # The README's ImageNet-100 val: labels for every class, --subset and the train file's
+    # classes; the labels of classes outside the subset are dropped, not refused.
+    folder, truth = flat_val
+    (tmp_path / "subset.txt").write_text("\n".join(sorted(set(truth.values()))[1:4]) + "\n")
+    subset = str(tmp_path / "subset.txt")
+    train = tmp_path / "train.beton"
+    write_beton(photo_tree, train, subset=subset, workers=1)
+    out = tmp_path / "val.beton"
+    write_beton(folder, out, labels=loc_csv(tmp_path / "LOC_val_solution.csv", truth),
+                subset=subset, known_classes=train, workers=1)
+    assert read_classes(out) == read_classes(train)
+    check_samples(out, folder, {n: c for n, c in truth.items() if c in read_classes(train)})
+
+
 def test_format_is_told_from_content(flat_val, tmp_path):
     folder, truth = flat_val
     name = next(iter(truth))  # line 2 of the plain list; loc_csv has them in reverse order
