@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "demo_dataset": "qlnas.data.demo",
     "read_classes": "qlnas.data.classes",
+    "same_classes": "qlnas.data.classes",
     "build_train_loader": "qlnas.data.loaders",
     "build_val_loader": "qlnas.data.loaders",
     "resolution_for_epoch": "qlnas.data.loaders",

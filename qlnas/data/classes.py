@@ -38,6 +38,21 @@ def _read(beton_path: str | os.PathLike) -> tuple[Path, Any]:
         raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
 
 
+def same_classes(train: str | os.PathLike, val: str | os.PathLike) -> list[str]:
+    """The class list of `train`; UserError when `val`'s is another (its label k would be
+    another class than train's label k, and validation would score against the wrong one)."""
+    ours, theirs = read_classes(train), read_classes(val)
+    if ours == theirs:
+        return ours
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+             min(len(ours), len(theirs)))
+    got = f"'{theirs[k]}'" if k < len(theirs) else "nothing"
+    want = f"'{ours[k]}'" if k < len(ours) else "nothing"
+    raise UserError(f"{val}: its {len(theirs)} classes are not the {len(ours)} of {train} "
+                    f"(label {k} is {got}, not {want}); write it with the same --subset, or "
+                    f"with --classes {train}")
+
+
 def read_conversions(beton_path: str | os.PathLike) -> dict[str, Any] | None:
     """What the writer converted to RGB, rotated and re-encoded; None for files written before
     it was recorded."""

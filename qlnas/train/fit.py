@@ -72,7 +72,7 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
 
     Returns the data files, the class count and the model (built from the current RNG state).
     """
-    from qlnas.data import read_classes
+    from qlnas.data import same_classes
     from qlnas.data.integrity import open_beton
 
     if config.sync_bn and not torch.cuda.is_available():
@@ -84,7 +84,7 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
     train, val = resolve_data(config)
     for path in (train, val):
         open_beton(path)  # a damaged file: one line, before any process starts
-    num_classes = len(read_classes(train))
+    num_classes = len(same_classes(train, val))
     model = build_model(config, num_classes)
     if config.init_from is not None:
         init_weights(model, config.init_from)

@@ -1,5 +1,6 @@
 """TrainConfig: recipes, YAML and the CLI's one-line errors for bad input."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -83,3 +84,28 @@ def test_regularisation_reaches_the_model():
     assert model.drop_rate == pytest.approx(0.3)
     with pytest.raises(ValueError, match="drop_path_rate=1.0: expected a number in"):
         TrainConfig(drop_path_rate=1.0)
+
+
+@pytest.mark.parametrize("classes, message", [
+    (lambda c: c[1:], "its 9 classes are not the 10 of {train} (label 0 is '1', not '0')"),
+    (lambda c: c + ["x"], "its 11 classes are not the 10 of {train} (label 10 is 'x', not "
+     "nothing)"),
+])
+def test_val_data_of_other_classes_is_refused(tmp_path, classes, message):
+    # A val file written with another selection: its label k is another class than train's.
+    import shutil
+
+    from qlnas.data import demo_dataset, read_classes
+    from qlnas.data.classes import write_classes
+    from qlnas.train.fit import validate
+
+    train, val = demo_dataset()
+    other = tmp_path / "val.beton"
+    shutil.copyfile(val, other)
+    write_classes(other, classes(read_classes(val)))
+    config = TrainConfig(train_data=str(train), val_data=str(other))
+    with pytest.raises(UserError) as err:
+        validate(config, 1)
+    assert str(err.value) == (f"{other}: " + message.format(train=train)
+                              + f"; write it with the same --subset, or with --classes {train}")
+    assert validate(dataclasses.replace(config, val_data=str(val)), 1)[2] == 10
