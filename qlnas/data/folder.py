@@ -103,6 +103,9 @@ def load_rgb(path: str, max_res: int | None = None) -> np.ndarray:
             if ratio < 0.5:
                 img.draft("RGB", (max(1, int(w * ratio)), max(1, int(h * ratio))))
         upright = ImageOps.exif_transpose(img)
+        if upright.mode.startswith("I;16"):  # PIL's convert clips 16 bits to 8: all white
+            grey = (np.asarray(upright).astype(np.uint32) + 128) // 257
+            return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
         return np.asarray(upright.convert("RGB"))
 
 
@@ -124,6 +127,8 @@ def _check(path: str) -> Source | str:
             if img.format == "JPEG":  # a 1/8 scale decode still reads all the entropy data
                 img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
             img.load()
+        if img.mode in ("I", "F"):  # no 8-bit reading without knowing the pixels' range
+            return f"{img.mode} pixels (32-bit {'integers' if img.mode == 'I' else 'floats'})"
         return source
     except Exception as exc:  # any failure to decode means a corrupt file
         return f"{type(exc).__name__}: {exc}"

@@ -33,6 +33,10 @@ def rotated_jpeg(img: Image.Image) -> bytes:
     return encoded(img.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif)
 
 
+def grey16(image: Image.Image) -> Image.Image:
+    return Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+
+
 # file name -> (bytes from the base photo, the kind it counts as, what it must come back as)
 KINDS = {
     "0_cmyk.JPEG": (lambda b: encoded(b.convert("CMYK"), "JPEG", quality=95),
@@ -43,12 +47,15 @@ KINDS = {
                       ("converted_to_rgb", "P", 2), lambda b: b.quantize(64).convert("RGB")),
     "3_rgba.png": (lambda b: encoded(b.convert("RGBA"), "PNG"),
                    ("converted_to_rgb", "RGBA", 1), lambda b: b),
-    "4_png_bytes.JPEG": (lambda b: encoded(b, "PNG"), ("non_jpeg_reencoded", "PNG", 3),
+    "4_png_bytes.JPEG": (lambda b: encoded(b, "PNG"), ("non_jpeg_reencoded", "PNG", 4),
                          lambda b: b),
     "5_gif_bytes.JPEG": (lambda b: encoded(b, "GIF"), ("non_jpeg_reencoded", "GIF", 1),
                          lambda b: Image.open(io.BytesIO(encoded(b, "GIF"))).convert("RGB")),
     "6_rotated.JPEG": (rotated_jpeg, ("exif_rotated", None, 1), lambda b: b),
     "7_plain.JPEG": (lambda b: encoded(b, "JPEG", quality=95), None, lambda b: b),
+    # 16-bit grey (PIL's convert would clip it to white)
+    "8_grey16.png": (lambda b: encoded(grey16(b), "PNG"), ("converted_to_rgb", "I;16", 1),
+                     lambda b: b.convert("L").convert("RGB")),
 }
 
 
@@ -76,8 +83,9 @@ def test_every_image_comes_back_rgb_and_upright(odd_beton, name):
     assert psnr(image, want) > 28, name
     conversions = read_conversions(out)
     if counted is None:  # the plain RGB JPEG is counted nowhere
-        assert conversions == {"converted_to_rgb": {"CMYK": 1, "L": 1, "P": 2, "RGBA": 1},
-                               "exif_rotated": 1, "non_jpeg_reencoded": {"GIF": 1, "PNG": 3}}
+        assert conversions == {"converted_to_rgb": {"CMYK": 1, "I;16": 1, "L": 1, "P": 2,
+                                                    "RGBA": 1},
+                               "exif_rotated": 1, "non_jpeg_reencoded": {"GIF": 1, "PNG": 4}}
     else:
         key, kind, count = counted
         assert (conversions[key] if kind is None else conversions[key][kind]) == count
@@ -86,8 +94,8 @@ def test_every_image_comes_back_rgb_and_upright(odd_beton, name):
 def test_info_reports_the_conversions(odd_beton, capsys):
     out, _ = odd_beton
     assert main(["data", "info", str(out)]) == 0
-    assert ("sources:  converted to RGB: 5 (CMYK 1, L 1, P 2, RGBA 1); EXIF-rotated: 1; "
-            "non-JPEG bytes re-encoded: 4 (GIF 1, PNG 3)\n") in capsys.readouterr().out
+    assert ("sources:  converted to RGB: 6 (CMYK 1, I;16 1, L 1, P 2, RGBA 1); EXIF-rotated: 1; "
+            "non-JPEG bytes re-encoded: 5 (GIF 1, PNG 4)\n") in capsys.readouterr().out
 
 
 def test_info_of_a_file_written_before_the_counts(odd_beton, tmp_path, capsys):

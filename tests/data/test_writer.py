@@ -75,6 +75,16 @@ def test_corrupt_image_stops_or_is_skipped(tmp_path):
     assert [label for label, _ in stored_images(out)] == [0, 0, 1]
 
 
+def test_float_pixels_are_refused_by_name(tmp_path):
+    # A 32-bit float TIFF has no known range to read 8 bits from: refused, not guessed.
+    src = make_tree(tmp_path / "src", {"a": 1})
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(src / "a" / "f.tif")
+    with pytest.raises(UserError) as err:
+        write_beton(src, tmp_path / "out.beton", workers=1)
+    assert str(err.value) == (f"{src / 'a' / 'f.tif'}: cannot decode image (F pixels (32-bit "
+                              "floats)); use --skip-corrupt to leave such files out")
+
+
 def test_refuses_to_overwrite(tmp_path):
     src = make_tree(tmp_path / "src", {"a": 1})
     out = tmp_path / "out.beton"
