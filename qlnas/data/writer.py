@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.rgb_image import IMAGE_MODES, resizer
+from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.writer import DatasetWriter
 
 from qlnas.data.classes import write_classes
@@ -65,10 +65,35 @@ def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return buf.reshape(-1)
 
 
+def fit_within(image: np.ndarray, max_res: int) -> np.ndarray:
+    """FFCV's resize to a longest side of `max_res` (area interpolation, sizes truncated), but no
+    side below one pixel (FFCV's makes a 1x700 image 0x512, and OpenCV raises)."""
+    h, w = image.shape[:2]
+    ratio = max_res / max(h, w)
+    if ratio >= 1:
+        return image
+    size = (max(1, int(w * ratio)), max(1, int(h * ratio)))
+    return cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
+
+
 def _encode_image(self: RGBImageField, destination, image, malloc) -> None:
-    """RGBImageField.encode with `encode_jpeg` above (same metadata and file layout)."""
-    image = resizer(np.ascontiguousarray(image), self.max_resolution)
-    mode = self.write_mode
+    """RGBImageField.encode with `encode_jpeg` above (same metadata and file layout); never
+    raises (a raise in FFCV's writer hangs it): a failure is counted, with the file named, and a
+    black placeholder stored (the write then stops with an error)."""
+    try:
+        _encode(self, destination, image, malloc)
+    except Exception:
+        dataset = self.qlnas_dataset
+        log.exception("%s: cannot encode image", dataset.current)
+        dataset.count_failure()
+        destination["mode"] = IMAGE_MODES["raw"]
+        destination["height"], destination["width"] = 1, 1
+        destination["data_ptr"], storage = malloc(3)
+        storage[:] = 0
+
+
+def _encode(self: RGBImageField, destination, image, malloc) -> None:
+    mode = self.write_mode  # the image is resized already (fit_within)
     as_jpg = None
     if mode == "smart":
         mode = "jpg" if image.nbytes > self.smart_threshold else "raw"
@@ -92,18 +117,23 @@ class _FolderDataset:
         self.samples = samples
         self.max_res = max_res
         self.failures = multiprocessing.get_context("fork").Value("i", 0)
+        self.current = ""  # the file being written, in this worker process (for errors)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def count_failure(self) -> None:
+        with self.failures.get_lock():
+            self.failures.value += 1
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         sample = self.samples[index]
+        self.current = sample.path
         try:
-            image = load_rgb(sample.path, self.max_res)
+            image = fit_within(load_rgb(sample.path, self.max_res), self.max_res)
         except Exception:  # checked before writing; a file changed since then
             log.exception("%s: cannot decode image", sample.path)
-            with self.failures.get_lock():
-                self.failures.value += 1
+            self.count_failure()
             image = np.zeros((8, 8, 3), np.uint8)
         return image, sample.label
 
@@ -133,6 +163,14 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
         raise UserError(f"--max-res {max_res}: expected at least 8")
     if not 0.0 <= compress_probability <= 1.0:
         raise UserError(f"--compress-probability {compress_probability}: expected 0..1")
+    largest = 3 * max_res ** 2  # bytes of the largest raw sample the mode may store
+    raw_limit = {"jpg": 0, "smart": min(largest, smart_threshold or 3 * (max_res // 2) ** 2)
+                 }.get(write_mode, largest)
+    if raw_limit > page_size:
+        raise UserError(f"--max-res {max_res} with --write-mode {write_mode}: a raw image of "
+                        f"up to {raw_limit / 2**20:.1f} MiB does not fit in FFCV's "
+                        f"{page_size / 2**20:.0f} MiB page; lower --max-res (or "
+                        "--smart-threshold) or use --write-mode jpg")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (use --overwrite to replace it)")
     if isinstance(subset, str):
@@ -155,13 +193,15 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
     # Instance override keeps type(field) == RGBImageField, so any FFCV reader opens the file.
     image_field.encode = _encode_image.__get__(image_field)
     dataset = _FolderDataset(samples, max_res)
+    image_field.qlnas_dataset = dataset  # whose file is being encoded, for errors
     log.info("writing %d images of %d classes to %s", len(samples), len(classes), out)
     with atomic_path(out) as tmp:
         writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()},
                                num_workers=min(workers, len(samples)), page_size=page_size)
         writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(samples) // workers)))
         if dataset.failures.value:
-            raise UserError(f"{src}: {dataset.failures.value} image(s) failed to decode while "
-                            "writing (files changed during the write?)")
+            raise UserError(f"{src}: {dataset.failures.value} image(s) failed to decode or "
+                            "encode while writing (named above; files changed during the "
+                            "write?)")
         write_classes(out, classes, conversions)
     return WriteResult(out, classes, len(samples), skipped, conversions)

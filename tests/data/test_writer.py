@@ -85,6 +85,65 @@ def test_float_pixels_are_refused_by_name(tmp_path):
                               "floats)); use --skip-corrupt to leave such files out")
 
 
+WRITE = """
+import sys
+from qlnas.data.writer import write_beton
+from qlnas.errors import UserError
+try:
+    write_beton(sys.argv[1], sys.argv[2], workers=1, max_res=int(sys.argv[3]), quality=100,
+                page_size=2 << 20)
+except UserError as exc:
+    print(f"error: {exc}")
+"""
+
+
+def write_in_a_process(src, out, max_res: int) -> subprocess.CompletedProcess:
+    """A write in its own process, so that a hang of FFCV's writer fails the test."""
+    return subprocess.run([sys.executable, "-c", WRITE, str(src), str(out), str(max_res)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_images_thinner_than_max_res_allows_are_written(tmp_path):
+    # FFCV's resizer makes a 1x700 image 0x512 at --max-res 512; OpenCV raised in the writer's
+    # worker, which hung the write.
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    Image.fromarray(np.full((1, 700, 3), 200, np.uint8)).save(src / "wide.png")
+    Image.fromarray(np.full((700, 2, 3), 100, np.uint8)).save(src / "tall.png")
+    out = tmp_path / "out.beton"
+    proc = write_in_a_process(tmp_path / "src", out, 512)
+    assert proc.returncode == 0 and "error" not in proc.stdout, proc.stderr[-2000:]
+    assert sorted(image.shape for _, image in stored_images(out)) == [(1, 512, 3), (512, 1, 3)]
+
+
+def test_an_image_that_does_not_fit_a_page_stops_the_write_naming_it(tmp_path):
+    # A JPEG over FFCV's page (2 MiB here) made its allocator raise in a worker: a hang.
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(src / "noise.png")
+    Image.fromarray(noise[:64, :64]).save(src / "small.png")
+    out = tmp_path / "out.beton"
+    proc = write_in_a_process(tmp_path / "src", out, 1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == (f"error: {tmp_path / 'src'}: 1 image(s) failed to decode or encode "
+                           "while writing (named above; files changed during the write?)\n")
+    assert f"{src / 'noise.png'}: cannot encode image" in proc.stderr
+    assert "page size is 2097152" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.beton*"))
+
+
+def test_raw_samples_larger_than_a_page_are_refused_before_writing(tmp_path):
+    src = make_tree(tmp_path / "src", {"a": 1})
+    with pytest.raises(UserError) as err:
+        write_beton(src, tmp_path / "out.beton", workers=1, max_res=2048, write_mode="raw")
+    assert str(err.value) == ("--max-res 2048 with --write-mode raw: a raw image of up to "
+                              "12.0 MiB does not fit in FFCV's 8 MiB page; lower --max-res (or "
+                              "--smart-threshold) or use --write-mode jpg")
+    write_beton(src, tmp_path / "out.beton", workers=1, max_res=1024, write_mode="raw")
+    assert not list(tmp_path.glob(".out.beton*"))
+
+
 def test_refuses_to_overwrite(tmp_path):
     src = make_tree(tmp_path / "src", {"a": 1})
     out = tmp_path / "out.beton"
