@@ -174,13 +174,14 @@ class ImageLoader:
 def resolution_for_epoch(epoch: int, *, min_res: int, max_res: int, end_ramp: int,
                          start_ramp: int = 0, step: int = 32) -> int:
     """Progressive resizing: min_res up to start_ramp, a linear ramp to max_res at end_ramp,
-    rounded to a multiple of `step` (FFCV's ImageNet recipe)."""
+    rounded to a multiple of `step` (FFCV's ImageNet recipe) within [min_res, max_res] (160 to
+    216 would otherwise train at 224, above the resolution memory was planned for)."""
     if epoch <= start_ramp:
         return min_res
     if epoch >= end_ramp:
         return max_res
     res = np.interp(epoch, [start_ramp, end_ramp], [min_res, max_res])
-    return int(round(res / step)) * step
+    return min(max(int(round(res / step)) * step, min_res), max_res)
 
 
 def _rank_world(distributed: bool) -> tuple[int, int]:

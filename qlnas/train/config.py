@@ -155,8 +155,16 @@ class TrainConfig:
         for name in ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "mixup", "cutmix",
                      "grad_clip", "step_epochs", "checkpoint_steps", "max_steps_per_epoch",
                      "min_resolution", "ramp_epochs"):
-            if getattr(self, name) < 0:
-                raise bad(name, "a number >= 0")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "a finite number >= 0")
+        if self.schedule == "step" and self.step_epochs == 0:
+            raise bad("step_epochs", "a number > 0 with schedule step")
+        if not 0 < self.step_gamma <= 1:
+            raise bad("step_gamma", "a number in (0, 1]")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "a number in [0, 1)")
+        if self.min_lr > self.lr:  # the cosine would rise to it
+            raise bad("min_lr", f"a number <= lr={self.lr!r}")
         if not 0 < self.crop_scale_min <= 1:
             raise bad("crop_scale_min", "a number in (0, 1]")
         if not 0 <= self.label_smoothing < 1:
@@ -230,7 +238,7 @@ RECIPES: dict[str, dict] = {
                  crop_scale_min=0.35, hflip=False),
     "paper": dict(epochs=50, batch_size=192, lr=0.3, warmup_epochs=5.0, schedule="cosine",
                   optimizer="sgd", momentum=0.9, weight_decay=1e-4, label_smoothing=0.1,
-                  resolution=224, min_resolution=160, ramp_epochs=40, workers=8,
+                  resolution=224, workers=8,
                   model="qlnet50_eq3_softball_ds"),
 }
 

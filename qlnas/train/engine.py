@@ -94,6 +94,20 @@ def _autocast(parts: Parts):
 _NONFINITE_LOSS, _NONFINITE_GRAD, _STOP, _LOSS, _COUNT = range(5)
 
 
+def mix(mixup, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup/CutMix, which pairs a batch with its reverse and so needs an even batch;
+    an odd one (--skip-corrupt left a damaged sample out) keeps its last sample unmixed."""
+    if len(images) % 2 == 0:
+        return mixup(images, target)
+    from timm.data.mixup import mixup_target
+
+    last = mixup_target(target[-1:], mixup.num_classes, 1.0, mixup.label_smoothing)
+    if len(images) == 1:
+        return images, last
+    head, head_target = mixup(images[:-1], target[:-1])
+    return torch.cat([head, images[-1:]]), torch.cat([head_target, last])
+
+
 def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0,
                     tb=None) -> dict:
     """Train one epoch from `progress.batch`; stops at once on divergence.
@@ -127,7 +141,7 @@ def train_one_epoch(parts: Parts, loader, progress: Progress, max_steps: int = 0
             break
         lr = set_lr(parts, progress)
         if parts.mixup is not None:
-            images, target = parts.mixup(images, target)
+            images, target = mix(parts.mixup, images, target)
         with _autocast(parts):
             loss = parts.criterion(parts.train_model(images), target)
         parts.optimizer.zero_grad(set_to_none=True)

@@ -81,6 +81,10 @@ def validate(config: TrainConfig, world_size: int) -> tuple[Path, Path, int, nn.
     if config.batch_size % world_size:
         raise UserError(f"batch_size={config.batch_size} is not divisible by the "
                         f"{world_size} processes")
+    if (config.mixup or config.cutmix) and config.batch_size // world_size % 2:
+        raise UserError(f"batch_size={config.batch_size} over {world_size} process(es) is "
+                        f"{config.batch_size // world_size} a process; mixup and cutmix pair "
+                        "samples and need an even number")
     train, val = resolve_data(config)
     for path in (train, val):
         open_beton(path)  # a damaged file: one line, before any process starts
@@ -241,8 +245,12 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
     if not has_last:
         run.save(parts, progress)  # the first good state, for rollback and resume
     if config.checkpoint_steps:
+        per_epoch = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
+
         def on_step(p: Progress) -> None:
-            if p.step % config.checkpoint_steps == 0:
+            # Not at an epoch's last step: the epoch-end save follows, and two generations of
+            # one step would leave a NaN on the next step nothing to roll back to.
+            if p.step % config.checkpoint_steps == 0 and p.batch < per_epoch:
                 run.save(parts, p)
         parts.on_step = on_step
     status = "completed"

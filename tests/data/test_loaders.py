@@ -131,6 +131,11 @@ def test_resolution_for_epoch():
     assert [resolution_for_epoch(e, **ramp) for e in (0, 11, 12, 13, 20)] == [160, 160, 192,
                                                                                192, 192]
     assert resolution_for_epoch(5, min_res=128, max_res=256, end_ramp=10) == 192
+    # sizes off the multiples of 32: the rounding stays within the ramp's ends
+    odd = [resolution_for_epoch(e, min_res=160, max_res=216, end_ramp=40) for e in range(41)]
+    assert min(odd) == 160 and max(odd) == 216 and odd == sorted(odd)
+    low = [resolution_for_epoch(e, min_res=100, max_res=224, end_ramp=40) for e in range(41)]
+    assert min(low) == 100 and max(low) == 224
 
 
 def test_more_workers_than_cores_are_clamped_with_one_warning(demo_betons, caplog):

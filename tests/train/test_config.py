@@ -1,6 +1,7 @@
 """TrainConfig: recipes, YAML and the CLI's one-line errors for bad input."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 
@@ -44,6 +45,41 @@ def test_validation_names_the_field():
         TrainConfig(optimizer="adam")
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("warmup_epochs", math.nan, "a finite number >= 0"),
+    ("weight_decay", math.inf, "a finite number >= 0"),
+    ("min_lr", 0.5, "a number <= lr=0.2"),  # the cosine would rise from lr to it
+    ("momentum", 9.0, "a number in [0, 1)"),
+    ("step_gamma", -1.0, "a number in (0, 1]"),
+])
+def test_numbers_out_of_range_are_refused(field, value, expected):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(lr=0.2, **{field: value})
+    assert str(err.value) == f"{field}={value!r}: expected {expected}"
+
+
+def test_a_step_schedule_needs_a_step_length():
+    # step_epochs 0 decayed the LR by step_gamma at every step, and the run "completed".
+    with pytest.raises(ValueError, match="step_epochs=0.0: expected a number > 0 with schedule"):
+        TrainConfig(schedule="step", step_epochs=0.0)
+    assert TrainConfig(step_epochs=0.0).schedule == "cosine"  # unused by the cosine
+
+
+def test_the_paper_recipe_is_the_one_paper_yaml_trains():
+    # `qlnas train --recipe paper` reproduces a Table 1 row as the search trains it (it added
+    # progressive resizing, 160 to 224 px, which the paper's recipe does not have).
+    from qlnas.search.space import load_space
+
+    space = load_space("search_spaces/paper.yaml")
+    trial = space.train_config(space.enqueue[0], out="x")
+    recipe = resolve_config("paper")
+    skip = {"model", "arch", "out", "train_data", "val_data", "export"}
+    differ = {f: (getattr(recipe, f), getattr(trial, f)) for f in TrainConfig.__dataclass_fields__
+              if f not in skip and getattr(recipe, f) != getattr(trial, f)}
+    assert differ == {}
+    assert (trial.min_resolution, trial.ramp_epochs, trial.resolution) == (0, 0, 224)
+
+
 def test_every_field_is_documented():
     docs = field_docs(TrainConfig)
     missing = [f for f in TrainConfig.__dataclass_fields__ if f not in docs]
@@ -65,6 +101,9 @@ def _qlnas(*args):
     (["--sync-bn", "--nproc", "2"], "sync_bn=True needs CUDA"),
     (["--export", "ema"], "export='ema': expected model or best when ema_decay is 0"),
     (["--amp", "fp16", "--max-overflow-steps", "0"], "max_overflow_steps=0: expected a positive"),
+    (["--nproc", "2", "--batch-size", "6", "--mixup", "0.8"],
+     "batch_size=6 over 2 process(es) is 3 a process; mixup and cutmix pair samples"),
+    (["--min-lr", "nan"], "min_lr=nan: expected a finite number >= 0"),
 ])
 def test_cli_bad_input_one_line(tmp_path, args, message):
     proc = _qlnas("train", "--out", str(tmp_path / "run"), *args)

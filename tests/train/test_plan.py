@@ -59,7 +59,7 @@ def test_nproc_splits_the_batch_without_spawning(tmp_path):
 def test_paper_recipe_on_a_small_machine(tmp_path):
     """workers=8, resolution 224 and no data named: the embedded digits, on 2 cores."""
     proc = dry_run(tmp_path / "run", "1", "--recipe", "paper", "--max-steps-per-epoch", "2",
-                   "--batch-size", "32")
+                   "--batch-size", "32", "--min-resolution", "160", "--ramp-epochs", "40")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert field(proc.stdout, "steps per epoch") == "2"

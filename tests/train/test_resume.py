@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from qlnas.train.checkpoint import generations
 from tests.train.helpers import (
     kill_at_checkpoint,
     largest_relative_difference,
@@ -115,6 +116,10 @@ def test_a_streamed_run_resumed_under_auto_reads_on_streamed_and_is_exact(tmp_pa
     straight = tmp_path / "straight"
     proc = qlnas_train(straight, *args, "--data-mode", "streamed", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # checkpoint_steps divides the epoch: the last two generations are two steps apart (the
+    # step save at an epoch's end used to duplicate the epoch-end save, leaving no rollback).
+    assert [c["state"]["step"] for c, _ in generations(straight / "checkpoints" / "last.pt")] \
+        == [12, 10]
     out = tmp_path / "run"
     state = kill_at_checkpoint(out, [*args, "--data-mode", "streamed"],
                                lambda s: s["epoch"] >= 1 and s["batch"] > 0)
