@@ -113,12 +113,9 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
     if add_trials < 0:
         raise UserError(f"--add-trials {add_trials}: expected a positive number")
     space = load_space(space_path)
+    added = 0  # trials --add-trials gave beyond the file's search.num_trials, kept in space.json
     if resume:
-        check_same_space(space, out)
-        stored = json.loads((out / SPACE_JSON).read_text())["num_trials"] \
-            if (out / SPACE_JSON).is_file() else space.num_trials
-        budget = max(space.num_trials, stored) + add_trials
-        space = dataclasses.replace(space, num_trials=budget)
+        space, added = resumed_space(space, out, add_trials)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard logs only
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not space.fixed.get("train_data"):
@@ -143,7 +140,7 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
     check_feasible(space.resources)
     out.mkdir(parents=True, exist_ok=True)
     study = prepare_study(space.study_name, space.storage, out) if not resume else None
-    store_space(space, out)
+    store_space(space, out, added)
     board_name = "qlnas-board-" + hashlib.sha1(str(out).encode()).hexdigest()[:12]
     stops = StopRecords(str(out))
     board = create_board(board_name, stops.all())  # noqa: F841  (kept alive by this driver)
@@ -201,6 +198,20 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
 SPACE_JSON, SPACE_YAML = "space.json", "space.yaml"
 
 
+def resumed_space(space: SearchSpace, out: Path, add_trials: int = 0) -> tuple[SearchSpace, int]:
+    """The space a resume of the search in `out` runs, and the trials its budget holds beyond
+    the file's search.num_trials: the stored budget (which earlier `--add-trials` grew; the
+    file still says what it said), or the file's with those added when it says more, plus
+    `add_trials`. UserError when the file is another space or would shrink the search."""
+    stored = json.loads((out / SPACE_JSON).read_text()) \
+        if (out / SPACE_JSON).is_file() else {"num_trials": space.num_trials}
+    added = stored.get("added_trials", 0)
+    check_same_space(space, out, added)
+    budget = max(space.num_trials + added, stored["num_trials"]) + add_trials
+    names = {k: stored[k] for k in ("name", "study_name") if k in stored}  # the search's own
+    return dataclasses.replace(space, num_trials=budget, **names), budget - space.num_trials
+
+
 def resolved(space: SearchSpace) -> dict:
     """The space as plain data, as a search runs it (its file's path left out)."""
     data = dataclasses.asdict(space)
@@ -209,30 +220,37 @@ def resolved(space: SearchSpace) -> dict:
     return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 
-def store_space(space: SearchSpace, out: Path) -> None:
-    """The search's own copy of its space: resolved (space.json, with its hash) and as given
-    (space.yaml, which `--resume` without `--space` reads)."""
+def store_space(space: SearchSpace, out: Path, added_trials: int = 0) -> None:
+    """The search's own copy of its space: resolved (space.json, with its hash and the trials
+    `--add-trials` added beyond the file's) and as given (space.yaml, which `--resume` without
+    `--space` reads)."""
     data = resolved(space)
     digest = hashlib.sha256(json.dumps({k: v for k, v in data.items() if k != "num_trials"},
                                        sort_keys=True).encode()).hexdigest()
-    atomic_write_json({**data, "sha256": digest}, out / SPACE_JSON)
+    atomic_write_json({**data, "added_trials": added_trials, "sha256": digest}, out / SPACE_JSON)
     source = Path(space.path).resolve()
     if source != (out / SPACE_YAML).resolve():
         atomic_write_text(source.read_text(), out / SPACE_YAML)
 
 
-def check_same_space(space: SearchSpace, out: Path) -> None:
-    """Refuse to resume with another space: one line naming the first difference."""
+def check_same_space(space: SearchSpace, out: Path, added_trials: int = 0) -> None:
+    """Refuse to resume with another space: one line naming the first difference. The file's
+    search.num_trials with the `added_trials` of earlier `--add-trials` may not shrink the
+    search."""
     path = out / SPACE_JSON
     if not path.is_file():
         return  # a search from before spaces were stored
     stored = json.loads(path.read_text())
     stored.pop("sha256", None)
+    stored.pop("added_trials", None)
     given = resolved(space)
-    if given["num_trials"] < stored["num_trials"]:
-        raise UserError(f"--resume: {space.path}: search.num_trials {given['num_trials']} is "
-                        f"below the search's {stored['num_trials']} (it may only grow)")
+    if given["num_trials"] + added_trials < stored["num_trials"]:
+        plus = f" (with the {added_trials} --add-trials added)" if added_trials else ""
+        raise UserError(f"--resume: {space.path}: search.num_trials {given['num_trials']}{plus} "
+                        f"is below the search's {stored['num_trials']} (it may only grow)")
     stored["num_trials"] = given["num_trials"]
+    if given.get("study_name") == given["name"] and stored.get("study_name") == stored["name"]:
+        stored["study_name"] = given["study_name"]  # both from the file's name by default
     stored["name"] = given["name"]  # a label (the file's name by default), not the search
     for key in [k for k in given if k not in stored]:  # a setting newer than the search
         if given[key] in (None, [], {}, "", given["name"]):  # at its default

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
-from qlnas.search.run import store_space
+import pytest
+
+from qlnas.errors import UserError
+from qlnas.search.run import resumed_space, store_space
 from qlnas.search.space import load_space
 from tests.search.test_search import SPACE
 
@@ -53,6 +56,29 @@ def test_resume_with_another_space_is_refused(tmp_path):
     assert proc.returncode == 2 and "search.num_trials 1 is below the search's 2" \
         in proc.stderr, proc.stderr[-3000:]
     assert (out / "space.json").read_text() == before  # nothing written
+
+
+def test_a_search_grown_by_add_trials_resumes_again(tmp_path):
+    # The README's paper flow: --resume --add-trials 20, the driver dies, --resume. The stored
+    # space.yaml (and the user's file) still say num_trials 2; the search's budget is 5.
+    space, out = stored_search(tmp_path)
+    grown, added = resumed_space(load_space(out / "space.yaml"), out, add_trials=3)
+    assert (grown.num_trials, added) == (5, 3)
+    store_space(grown, out, added)
+    for given in (out / "space.yaml", space):
+        assert resumed_space(load_space(given), out)[0].num_trials == 5  # was refused: 2 < 5
+    assert resumed_space(load_space(out / "space.yaml"), out, add_trials=1)[0].num_trials == 6
+    more = tmp_path / "more.yaml"  # the file itself raised by 2: on top of the added ones
+    more.write_text(space.read_text().replace("num_trials: 2", "num_trials: 4"))
+    assert [(s.num_trials, a) for s, a in [resumed_space(load_space(more), out)]] == [(7, 3)]
+    # a file without `name:` is named after itself (more.yaml: "more"); the search keeps its own
+    assert (resumed_space(load_space(more), out)[0].study_name, load_space(more).study_name) \
+        == ("space", "more")
+    less = tmp_path / "less.yaml"
+    less.write_text(space.read_text().replace("num_trials: 2", "num_trials: 1"))
+    with pytest.raises(UserError, match=r"search.num_trials 1 \(with the 3 --add-trials added\) "
+                                         r"is below the search's 5"):
+        resumed_space(load_space(less), out)
 
 
 def test_resume_needs_a_search_or_a_space(tmp_path):
