@@ -353,6 +353,8 @@ def load_space(path: str | Path) -> SearchSpace:
     for k, v in c.mapping(raw.get("recipe"), "recipe").items():
         if k not in train_fields or k in ("arch", "out", "model"):
             raise c.fail(f"recipe.{k}", "unknown training setting")
+        if k == "epochs":  # the pruners' max_t and Optuna's last step are fixed.epochs
+            raise c.fail("recipe.epochs", "a trial's length is not searched; set fixed.epochs")
         params.append(c.distribution(v, f"recipe.{k}"))
 
     conditions = []
@@ -397,7 +399,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if resources.workers_per_trial < 1 or resources.cpus_per_worker < 0 \
             or resources.gpus_per_worker < 0:
         raise c.fail("resources", "workers_per_trial >= 1 and non-negative CPUs/GPUs expected")
-    for name in ("max_failures", "trial_retries"):
+    for name in ("max_failures", "trial_retries", "max_concurrent_trials"):
         if getattr(resources, name) < 0:
             raise c.fail(f"resources.{name}", f"{getattr(resources, name)}: expected >= 0")
     raw_pruning = dict(c.mapping(raw.get("pruning"), "pruning"))
@@ -410,6 +412,15 @@ def load_space(path: str | Path) -> SearchSpace:
                                                         and pruner is None):
         raise c.fail("pruning.pruner", f"{pruning.pruner!r}: expected one of "
                      f"{', '.join(PRUNERS)}, or {{class: package.module.Pruner, kwargs: ...}}")
+    if pruning.grace_epochs < 0:
+        raise c.fail("pruning.grace_epochs", f"{pruning.grace_epochs}: expected >= 0")
+    if pruning.reduction_factor < 2:
+        raise c.fail("pruning.reduction_factor", f"{pruning.reduction_factor}: expected >= 2 "
+                     "(the share of trials each rung keeps is 1 / reduction_factor)")
+    epochs = int(fixed.get("epochs", 5)) if isinstance(fixed.get("epochs", 5), int) else None
+    if pruning.pruner != "none" and epochs is not None and pruning.grace_epochs >= epochs:
+        raise c.fail("pruning.grace_epochs", f"{pruning.grace_epochs} is not below fixed.epochs "
+                     f"{epochs}: no trial could be pruned")
     if len(objectives) > 1 and pruning.pruner in ("median", "hyperband", "custom"):
         raise c.fail("pruning.pruner", "Optuna pruners need a single objective; use asha")
     name = str(raw.get("name") or path.stem)
@@ -433,7 +444,8 @@ def load_space(path: str | Path) -> SearchSpace:
                         enqueue=_enqueue(c, search.get("enqueue"), params),
                         warm_start=tuple(str(Path(w).resolve()) for w in warm),
                         constraints=_constraints(c, raw.get("constraints")), imports=imports)
-    space.train_config({p.name: (p.choices[0] if p.choices else p.low) for p in params},
+    space.train_config({p.name: (p.choices[0] if p.choices else
+                                 int(p.low) if p.kind == "int" else p.low) for p in params},
                        out="check")  # fixed settings must make a valid TrainConfig
     return space
 

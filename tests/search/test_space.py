@@ -80,6 +80,14 @@ BASE = "fixed: {epochs: 1, warmup_epochs: 0}\narch:\n  form: [eq3, eq4]\n"
     (BASE + "  act_radius: {uniform: [-1.0, 4.0]}\n", "arch.act_radius: ArchSpec.act_radius"),
     (BASE + "  expansion: [4, 0]\n", "arch.expansion: ArchSpec.expansion=0; expected an"),
     (BASE + "  form: {per_stage: [eq3, eq4]}\n", "arch.form.per_stage: expected a list with"),
+    (BASE + "recipe:\n  epochs: [2, 4]\n", "recipe.epochs: a trial's length is not searched"),
+    (BASE + "pruning: {pruner: asha, reduction_factor: 1}\n",
+     "pruning.reduction_factor: 1: expected >= 2"),
+    (BASE + "pruning: {pruner: median, grace_epochs: -3}\n", "pruning.grace_epochs: -3: expected"),
+    (BASE.replace("epochs: 1", "epochs: 4") + "pruning: {pruner: asha, grace_epochs: 4}\n",
+     "pruning.grace_epochs: 4 is not below fixed.epochs 4: no trial could be pruned"),
+    (BASE + "resources: {max_concurrent_trials: -1}\n",
+     "resources.max_concurrent_trials: -1: expected >= 0"),
     (BASE + "imports: [no_such_module_here]\n",
      "imports[0]: cannot import 'no_such_module_here' (ModuleNotFoundError"),
 ])
@@ -89,6 +97,14 @@ def test_invalid_space_names_file_and_key(tmp_path, text, message):
         load_space(path)
     assert str(err.value).startswith(str(path)), err.value
     assert message in str(err.value), err.value
+
+
+def test_an_integer_recipe_range_loads_and_samples_integers(tmp_path):
+    # The load check passed the range's low end as a float, which TrainConfig refused.
+    space = load_space(_write(tmp_path, BASE + "recipe:\n  batch_size: {int: [32, 64]}\n"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    sizes = [space.train_config(space.sample(study.ask()), out="x").batch_size for _ in range(5)]
+    assert all(type(b) is int and 32 <= b <= 64 for b in sizes)
 
 
 def test_conditions_fix_parameters(tmp_path):
@@ -112,7 +128,8 @@ def test_trial_retries_default_to_none(tmp_path):
 def test_plugged_in_sampler_and_pruner_classes_are_built(tmp_path):
     from qlnas.search.run import _pruner, _sampler
 
-    path = _write(tmp_path, BASE + "search:\n  seed: 3\n  sampler:\n"
+    path = _write(tmp_path, BASE.replace("epochs: 1", "epochs: 2")
+                  + "search:\n  seed: 3\n  sampler:\n"
                   "    class: optuna.samplers.QMCSampler\n    kwargs: {scramble: true}\n"
                   "pruning:\n  pruner:\n    class: optuna.pruners.PercentilePruner\n"
                   "    kwargs: {percentile: 25.0}\n")
