@@ -339,8 +339,11 @@ def _loop(config, parts, run, progress, train_loader, val_loader, tb, report
                 if restored is not None:
                     progress = restored
                     continue
+            # Every metric an epoch reports, at its worst: a search's objective must be in
+            # every result (Tune's strict check ends the whole search otherwise).
             event = {"epoch": epoch, "step": progress.step + 1, "diverged": True,
-                     "train_loss": math.nan, "val_top1": 0.0, "nan_events": progress.nan_events}
+                     "train_loss": math.nan, "val_loss": math.nan, "val_top1": 0.0,
+                     "val_top5": 0.0, "img_per_sec": 0.0, "nan_events": progress.nan_events}
             if report is not None:
                 report(event)
             log.error("diverged at step %d; stopping", progress.step + 1)
