@@ -159,8 +159,8 @@ class TrainConfig:
                 raise bad(name, "a finite number >= 0")
         if self.schedule == "step" and self.step_epochs == 0:
             raise bad("step_epochs", "a number > 0 with schedule step")
-        if not 0 < self.step_gamma <= 1:
-            raise bad("step_gamma", "a number in (0, 1]")
+        if not (math.isfinite(self.step_gamma) and self.step_gamma > 0):
+            raise bad("step_gamma", "a finite number > 0")
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "a number in [0, 1)")
         if self.min_lr > self.lr:  # the cosine would rise to it

@@ -50,7 +50,7 @@ def test_validation_names_the_field():
     ("weight_decay", math.inf, "a finite number >= 0"),
     ("min_lr", 0.5, "a number <= lr=0.2"),  # the cosine would rise from lr to it
     ("momentum", 9.0, "a number in [0, 1)"),
-    ("step_gamma", -1.0, "a number in (0, 1]"),
+    ("step_gamma", -1.0, "a finite number > 0"),
 ])
 def test_numbers_out_of_range_are_refused(field, value, expected):
     with pytest.raises(ValueError) as err:
