@@ -163,9 +163,9 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
         raise UserError(f"--max-res {max_res}: expected at least 8")
     if not 0.0 <= compress_probability <= 1.0:
         raise UserError(f"--compress-probability {compress_probability}: expected 0..1")
+    smart_threshold = smart_threshold or 3 * (max_res // 2) ** 2
     largest = 3 * max_res ** 2  # bytes of the largest raw sample the mode may store
-    raw_limit = {"jpg": 0, "smart": min(largest, smart_threshold or 3 * (max_res // 2) ** 2)
-                 }.get(write_mode, largest)
+    raw_limit = {"jpg": 0, "smart": min(largest, smart_threshold)}.get(write_mode, largest)
     if raw_limit > page_size:
         raise UserError(f"--max-res {max_res} with --write-mode {write_mode}: a raw image of "
                         f"up to {raw_limit / 2**20:.1f} MiB does not fit in FFCV's "
@@ -189,7 +189,7 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
     image_field = RGBImageField(
         write_mode=write_mode, max_resolution=max_res, jpeg_quality=quality,
         compress_probability=compress_probability,
-        smart_threshold=smart_threshold or 3 * (max_res // 2) ** 2)
+        smart_threshold=smart_threshold)
     # Instance override keeps type(field) == RGBImageField, so any FFCV reader opens the file.
     image_field.encode = _encode_image.__get__(image_field)
     dataset = _FolderDataset(samples, max_res)

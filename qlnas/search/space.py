@@ -417,8 +417,8 @@ def load_space(path: str | Path) -> SearchSpace:
     if pruning.reduction_factor < 2:
         raise c.fail("pruning.reduction_factor", f"{pruning.reduction_factor}: expected >= 2 "
                      "(the share of trials each rung keeps is 1 / reduction_factor)")
-    epochs = int(fixed.get("epochs", 5)) if isinstance(fixed.get("epochs", 5), int) else None
-    if pruning.pruner != "none" and epochs is not None and pruning.grace_epochs >= epochs:
+    epochs = fixed.get("epochs", 5)  # as run.py reads it (a bad value: TrainConfig's error)
+    if pruning.pruner != "none" and isinstance(epochs, int) and pruning.grace_epochs >= epochs:
         raise c.fail("pruning.grace_epochs", f"{pruning.grace_epochs} is not below fixed.epochs "
                      f"{epochs}: no trial could be pruned")
     if len(objectives) > 1 and pruning.pruner in ("median", "hyperband", "custom"):

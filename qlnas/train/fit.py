@@ -245,12 +245,10 @@ def _fit(config: TrainConfig, dist: DistInfo, report, resume: bool, should_stop,
     if not has_last:
         run.save(parts, progress)  # the first good state, for rollback and resume
     if config.checkpoint_steps:
-        per_epoch = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
-
         def on_step(p: Progress) -> None:
             # Not at an epoch's last step: the epoch-end save follows, and two generations of
             # one step would leave a NaN on the next step nothing to roll back to.
-            if p.step % config.checkpoint_steps == 0 and p.batch < per_epoch:
+            if p.step % config.checkpoint_steps == 0 and p.batch < steps:
                 run.save(parts, p)
         parts.on_step = on_step
     status = "completed"
