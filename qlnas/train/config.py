@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import gc
 import inspect
 import math
 import textwrap
@@ -245,7 +246,17 @@ RECIPES: dict[str, dict] = {
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each dataclass field (for --help and the search-space docs)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    # CPython 3.11 keeps ast.parse's recursion count per interpreter, not per thread: a garbage
+    # collection inside the parse can run a finalizer, hand the GIL to a thread that parses too,
+    # and the parse then fails with "AST constructor recursion depth mismatch" (gh-106905).
+    # With the collector off, nothing runs Python code within the parse.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    finally:
+        if collecting:
+            gc.enable()
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:], strict=False):

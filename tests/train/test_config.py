@@ -1,9 +1,12 @@
 """TrainConfig: recipes, YAML and the CLI's one-line errors for bad input."""
 
+import ast
 import dataclasses
 import math
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -84,6 +87,38 @@ def test_every_field_is_documented():
     docs = field_docs(TrainConfig)
     missing = [f for f in TrainConfig.__dataclass_fields__ if f not in docs]
     assert not missing
+
+
+class _Cyclic:
+    """Garbage that only the collector frees, whose finalizer lets another thread run."""
+
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        time.sleep(0)
+
+
+def test_field_docs_hold_while_another_thread_parses():
+    """The CLI's --help texts come from parsing TrainConfig's source. Python 3.11 shares the
+    parser's recursion count among threads, and in the full suite a collection inside that parse
+    handed the GIL to a thread that parsed too: building the parser raised SystemError."""
+    stop = threading.Event()
+
+    def parse_in_a_loop():
+        while not stop.is_set():
+            ast.parse("def f(x):\n    return [a for a in x if a]\n" * 20)
+
+    thread = threading.Thread(target=parse_in_a_loop, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3):
+            for _ in range(300):
+                _Cyclic()
+            assert field_docs(TrainConfig)["lr"] == "Peak learning rate (after warm-up)."
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _qlnas(*args):
