@@ -366,11 +366,23 @@ def load_space(path: str | Path) -> SearchSpace:
         cond = c.mapping(cond, f"conditions[{i}]", ("when", "set"))
         when = c.mapping(cond.get("when"), f"conditions[{i}].when")
         sets = c.mapping(cond.get("set"), f"conditions[{i}].set")
+        if not when or not sets:
+            raise c.fail(f"conditions[{i}]", "needs a non-empty when and a non-empty set")
         for k in list(when) + list(sets):
             if k not in names:
                 raise c.fail(f"conditions[{i}]", f"{k!r} is not a sampled parameter")
-        conditions.append(Condition({k: v if isinstance(v, list) else [v]
-                                     for k, v in when.items()}, sets))
+        both = set(when) & set(sets)
+        if both:
+            raise c.fail(f"conditions[{i}]", f"{sorted(both)[0]!r} is both in when and in set")
+        by_name = {p.name: p for p in params}
+        when = {k: v if isinstance(v, list) else [v] for k, v in when.items()}
+        for k, listed in when.items():
+            for v in listed:
+                if not by_name[k].contains(v):  # a typo would make the condition never hold
+                    raise c.fail(f"conditions[{i}].when.{k}",
+                                 f"{v!r} is not among the values {k} is sampled from")
+        conditions.append(Condition(when, sets))
+    params = _condition_order(c, params, conditions)
 
     search = c.mapping(raw.get("search"), "search", _SEARCH_KEYS)
     num_trials = search.get("num_trials", 8)
@@ -566,6 +578,29 @@ def _constraints(c: _Checker, value: object) -> tuple[Constraint, ...]:
         out.append(Constraint(metric, *(None if bounds.get(k) is None else float(bounds[k])
                                         for k in ("min", "max"))))
     return tuple(out)
+
+
+def _condition_order(c: _Checker, params: list, conditions: list) -> list:
+    """Params reordered, stably, so each one a condition sets is sampled after its `when` ones.
+
+    `sample` is define-by-run in this order; a set parameter sampled first never saw its
+    condition hold. The built-in act -> act_at counts as a condition.
+    """
+    after: dict[str, set] = {p.name: set() for p in params}
+    for cond in conditions:
+        for name in cond.set:
+            after[name] |= set(cond.when)
+    if "act" in after and "act_at" in after:
+        after["act_at"].add("act")
+    ordered, left = [], list(params)
+    while left:
+        ready = next((p for p in left if after[p.name] <= {q.name for q in ordered}), None)
+        if ready is None:
+            raise c.fail("conditions", "they depend on each other in a cycle among "
+                         + ", ".join(p.name for p in left))
+        ordered.append(ready)
+        left.remove(ready)
+    return ordered
 
 
 def _enqueue(c: _Checker, value: object, params: list[Param]) -> tuple[dict, ...]:

@@ -1,5 +1,6 @@
 """Search spaces: every shipped YAML loads; bad ones give one clear error naming file and key."""
 
+import re
 from pathlib import Path
 
 import optuna
@@ -117,6 +118,43 @@ def test_conditions_fix_parameters(tmp_path):
         values = space.sample(trial)
         if values["form"] == "eq4":
             assert values["expansion"] == 4 and "expansion" not in trial.params
+
+
+def test_a_condition_on_a_later_parameter_still_applies(tmp_path):
+    # arch parameters were sampled before recipe ones, so a condition on lr never held.
+    path = _write(tmp_path, BASE + "recipe:\n  lr: [0.1, 0.4]\nconditions:\n"
+                  "  - when: {lr: 0.4}\n    set: {form: eq3}\n")
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = [space.sample(study.ask()) for _ in range(30)]
+    assert any(v["lr"] == 0.4 for v in seen) and any(v["form"] == "eq4" for v in seen)
+    assert all(v["form"] == "eq3" for v in seen if v["lr"] == 0.4)
+
+
+def test_act_at_listed_before_act_still_follows_act_none(tmp_path):
+    path = _write(tmp_path, "fixed: {epochs: 1, warmup_epochs: 0}\n"
+                  "arch:\n  act_at: [ds, all]\n  act: [none, softball]\n")
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = [space.sample(study.ask()) for _ in range(20)]
+    assert any(v["act"] == "none" for v in seen)
+    assert all(v["act_at"] == "none" for v in seen if v["act"] == "none")
+
+
+@pytest.mark.parametrize("conditions,message", [
+    ("  - when: {form: eq9}\n    set: {expansion: 4}\n",
+     "conditions[0].when.form: 'eq9' is not among the values form is sampled from"),
+    ("  - when: {expansion: 5}\n    set: {form: eq3}\n",
+     "conditions[0].when.expansion: 5 is not among"),
+    ("  - when: {form: eq3}\n    set: {form: eq4}\n", "'form' is both in when and in set"),
+    ("  - when: {}\n    set: {form: eq4}\n", "needs a non-empty when and a non-empty set"),
+    ("  - when: {form: eq3}\n    set: {expansion: 4}\n"
+     "  - when: {expansion: 6}\n    set: {form: eq4}\n", "conditions: they depend on each other"),
+])
+def test_a_condition_that_could_never_apply_is_refused(tmp_path, conditions, message):
+    path = _write(tmp_path, BASE + "  expansion: [4, 6]\nconditions:\n" + conditions)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_space(path)
 
 
 def test_trial_retries_default_to_none(tmp_path):
