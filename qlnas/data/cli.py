@@ -14,10 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("src", help="folder with one sub-folder per class (flat with --labels)")
     w.add_argument("out", help="the .beton file to write (class list goes to OUT.classes.json)")
     w.add_argument("--max-res", type=int, default=512, help="longest side kept (default 512)")
-    w.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    w.add_argument("--quality", type=int, default=None,
+                   help="JPEG quality, not in raw mode (default 90)")
     w.add_argument("--write-mode", choices=("jpg", "raw", "smart", "proportion"), default="jpg",
                    help="how images are stored (default jpg)")
-    w.add_argument("--compress-probability", type=float, default=0.5,
+    w.add_argument("--compress-probability", type=float, default=None,
                    help="JPEG share in proportion mode (default 0.5)")
     w.add_argument("--smart-threshold", type=int, default=None,
                    help="smart mode: JPEG above this many raw bytes (default (max-res/2)^2*3)")

@@ -139,7 +139,8 @@ class _FolderDataset:
 
 
 def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int = 512,
-                quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
+                quality: int | None = None, write_mode: str = "jpg",
+                compress_probability: float | None = None,
                 smart_threshold: int | None = None, subset: str | list[str] | None = None,
                 limit_per_class: int | None = None, workers: int | None = None,
                 skip_corrupt: bool = False, overwrite: bool = False,
@@ -152,18 +153,31 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
     class list file, with `labels` only) is the list every label must come from, e.g. the
     train file's. The file appears under `out` only when complete. `page_size` is FFCV's
     allocation unit (a power of two, at least 2 MiB); `smart_threshold` (bytes, `smart` mode)
-    defaults to a (max_res/2)^2 RGB image.
+    defaults to a (max_res/2)^2 RGB image, `compress_probability` (`proportion` mode) to 0.5,
+    `quality` (every mode that writes JPEGs) to 90. One given where its mode does not read it
+    is refused, not ignored.
     """
     out = Path(out)
     if write_mode not in WRITE_MODES:
         raise UserError(f"--write-mode {write_mode}: expected one of {', '.join(WRITE_MODES)}")
+    for flag, value, mode in (("--quality", quality, ("jpg", "smart", "proportion")),
+                              ("--compress-probability", compress_probability, ("proportion",)),
+                              ("--smart-threshold", smart_threshold, ("smart",))):
+        if value is not None and write_mode not in mode:
+            raise UserError(f"{flag} {value}: --write-mode {write_mode} does not use it "
+                            f"(it goes with --write-mode {' or '.join(mode)})")
+    quality = 90 if quality is None else quality
+    compress_probability = 0.5 if compress_probability is None else compress_probability
     if not 1 <= quality <= 100:
         raise UserError(f"--quality {quality}: expected 1..100")
     if max_res < 8:
         raise UserError(f"--max-res {max_res}: expected at least 8")
     if not 0.0 <= compress_probability <= 1.0:
         raise UserError(f"--compress-probability {compress_probability}: expected 0..1")
-    smart_threshold = smart_threshold or 3 * (max_res // 2) ** 2
+    if smart_threshold is not None and smart_threshold < 0:
+        raise UserError(f"--smart-threshold {smart_threshold}: expected bytes >= 0")
+    if smart_threshold is None:
+        smart_threshold = 3 * (max_res // 2) ** 2
     largest = 3 * max_res ** 2  # bytes of the largest raw sample the mode may store
     raw_limit = {"jpg": 0, "smart": min(largest, smart_threshold)}.get(write_mode, largest)
     if raw_limit > page_size:

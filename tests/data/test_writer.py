@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,32 @@ def test_raw_samples_larger_than_a_page_are_refused_before_writing(tmp_path):
                               "--smart-threshold) or use --write-mode jpg")
     write_beton(src, tmp_path / "out.beton", workers=1, max_res=1024, write_mode="raw")
     assert not list(tmp_path.glob(".out.beton*"))
+
+
+@pytest.mark.parametrize("mode,given,message", [
+    ("jpg", {"compress_probability": 0.9}, "--compress-probability 0.9: --write-mode jpg does "
+     "not use it (it goes with --write-mode proportion)"),
+    ("proportion", {"smart_threshold": 100}, "--smart-threshold 100: --write-mode proportion "
+     "does not use it (it goes with --write-mode smart)"),
+    ("raw", {"quality": 50}, "--quality 50: --write-mode raw does not use it"),
+    ("smart", {"smart_threshold": -1}, "--smart-threshold -1: expected bytes >= 0"),
+])
+def test_a_setting_the_write_mode_does_not_read_is_refused(tmp_path, mode, given, message):
+    src = make_tree(tmp_path / "src", {"a": 1})
+    with pytest.raises(UserError, match=re.escape(message)):
+        write_beton(src, tmp_path / "out.beton", workers=1, write_mode=mode, **given)
+    assert not list(tmp_path.glob("*out.beton*"))
+
+
+def test_smart_threshold_zero_stores_every_image_as_jpeg(tmp_path):
+    # 0 read as "unset" and fell back to the default threshold: small images were stored raw.
+    from ffcv.reader import Reader
+
+    src = make_tree(tmp_path / "src", {"a": 3}, size=(16, 16))  # 768 raw bytes each
+    out = tmp_path / "out.beton"
+    write_beton(src, out, workers=1, max_res=64, write_mode="smart", smart_threshold=0)
+    metadata = Reader(str(out)).metadata
+    assert (metadata["f0"]["mode"] == 0).all()  # 0: JPEG in FFCV's RGBImageField
 
 
 def test_refuses_to_overwrite(tmp_path):
