@@ -247,6 +247,10 @@ class PruningScheduler(FIFOScheduler):
         return read_history(self.out / "trials" / trial_id / "run", typed=True)
 
     def on_trial_error(self, tune_controller, trial) -> None:
+        if self.out is not None:  # before Tune tells the searcher, which copies the record
+            from qlnas.search.trial import record_failure  # (trial.py imports this module)
+
+            record_failure(self.out, trial)
         if self.asha is not None:
             self.asha.on_trial_error(tune_controller, trial)
 

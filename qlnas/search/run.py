@@ -133,7 +133,7 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
     from qlnas.search.report import write_report
     from qlnas.search.searcher import QLOptunaSearch
     from qlnas.search.study import prepare_study, warm_start_trials
-    from qlnas.search.trial import ConfigFacts, TrialRecords, trial_driver
+    from qlnas.search.trial import ConfigFacts, trial_driver
 
     warm = warm_start_trials(space) if not resume else []  # checked before anything is made
     _connect(address, import_paths(space.imports))
@@ -186,7 +186,7 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
                 failure_config=tune.FailureConfig(max_failures=space.resources.trial_retries),
                 # Tune's own JSON/CSV results; its TensorBoard logger stays off so that
                 # `tensorboard --logdir OUT` shows each trial's run once (from fit).
-                callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), TrialRecords(str(out))]),
+                callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]),
         )
     try:
         tuner.fit()

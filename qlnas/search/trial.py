@@ -257,25 +257,24 @@ class ConfigFacts:
         return {"space": self.space, "_classes": {}}
 
 
-class TrialRecords(ray.tune.Callback):
-    """In the driver: the end of a trial's record when its trainable could not write it (its
-    actor died, or it failed before its first line), so no errored trial goes missing."""
+def record_failure(root: Path, trial) -> None:
+    """The end of a failed trial's record when its trainable could not write it (its actor
+    died, or it failed before its first line), so no errored trial goes missing.
 
-    def __init__(self, out: str) -> None:
-        self.out = Path(out)
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        out = self.out / "trials" / trial.trial_id
-        record = _previous_record(out)
-        if record.get("status") not in (None, "running"):
-            return
-        try:
-            exc = trial.get_pickled_error() or trial.get_error()
-        except Exception:  # noqa: BLE001 (an unreadable error file must not hide the record)
-            exc = None
-        now = time.time()
-        record = {"trial_id": trial.trial_id, "params": dict(trial.config), "spec": None,
-                  "model": None, "params_m": None, "gmacs": None, "started": now,
-                  "attempts": 1, **record, "status": "errored", "ended": now,
-                  "error": error_line(exc) if exc is not None else "the trial's actor failed"}
-        atomic_write_json(record, out / "trial.json")
+    Called from the scheduler's on_trial_error, which Tune calls before it tells the searcher:
+    Optuna's copy of the record (user attrs) then says errored too, with the error.
+    """
+    out = root / "trials" / trial.trial_id
+    record = _previous_record(out)
+    if record.get("status") not in (None, "running"):
+        return
+    try:
+        exc = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 (an unreadable error file must not hide the record)
+        exc = None
+    now = time.time()
+    record = {"trial_id": trial.trial_id, "params": dict(trial.config), "spec": None,
+              "model": None, "params_m": None, "gmacs": None, "started": now,
+              "attempts": 1, **record, "status": "errored", "ended": now,
+              "error": error_line(exc) if exc is not None else "the trial's actor failed"}
+    atomic_write_json(record, out / "trial.json")

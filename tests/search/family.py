@@ -1,6 +1,8 @@
 """A model family of a user's own, outside qlnas: a search imports this module (`imports:`)
 and searches `tinynet` by name with its own keyword arguments."""
 
+import os
+
 import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import nn
@@ -30,3 +32,10 @@ def tinynet(pretrained: bool = False, **kwargs) -> TinyNet:
     """As timm's own entry points: build_model_with_cfg takes timm's pretrained-config
     arguments, the rest go to the model."""
     return build_model_with_cfg(TinyNet, "tinynet", pretrained, **kwargs)
+
+
+@register_model
+def crashnet(pretrained: bool = False, **kwargs) -> TinyNet:
+    """Ends its process when built, as the kernel's OOM killer ends a trial's actor: the
+    trial's trainable gets no chance to write how it ended."""
+    os._exit(1)

@@ -289,6 +289,35 @@ def test_a_search_whose_trials_all_error_fails_and_lists_them(tmp_path):
     assert {t.state.name for t in study_trials(out).values()} == {"FAIL"}
 
 
+DYING = """\
+# test-only space: its model ends the trial's process when built, as an OOM kill would
+imports: [tests.search.family]
+fixed: {epochs: 1, batch_size: 32, resolution: 32, warmup_epochs: 0, workers: 1,
+        max_steps_per_epoch: 2, hflip: false}
+models: [crashnet]
+arch:
+  width: [4]
+search: {num_trials: 1, searcher: grid}
+resources: {workers_per_trial: 1, cpus_per_worker: 1}
+"""
+
+
+def test_a_trial_whose_actor_dies_is_errored_in_its_record_and_in_optuna(tmp_path):
+    # Tune tells the searcher before its callbacks: Optuna's copy of the record said "running".
+    space = tmp_path / "space.yaml"
+    space.write_text(DYING)
+    out = tmp_path / "out"
+    proc = search("--space", str(space), "--out", str(out), timeout=600)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "no trial completed (1 trials: 1 errored)" in proc.stderr
+    [record] = trials(out)
+    assert record["status"] == "errored" and record["model"] is None and record["error"]
+    [ot_trial] = study_trials(out).values()
+    assert ot_trial.state.name == "FAIL"
+    assert ot_trial.user_attrs["status"] == "errored"
+    assert ot_trial.user_attrs["error"] == record["error"]
+
+
 PLUGGED = """\
 # test-only space: a model family of its own (imports:), a sampler class, SQLite storage, an
 # enqueued configuration that is infeasible and one that is not
