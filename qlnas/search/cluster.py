@@ -205,3 +205,9 @@ class ClusterLimiter(ConcurrencyLimiter):
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         self._read_at = 0.0  # a restored limit is another driver's: read the cluster again
+
+    def reopen(self, trial_id: str) -> None:
+        """An errored trial a resume runs again is live again: Tune's limiter dropped it when
+        it errored, and would drop its completion (and not count it against the limit)."""
+        if self.searcher.reopen(trial_id):
+            self.live_trials.add(trial_id)

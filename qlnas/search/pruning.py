@@ -25,6 +25,7 @@ from pathlib import Path
 
 import optuna
 import ray
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from qlnas.fileio import atomic_write_json
@@ -184,9 +185,10 @@ class PruningScheduler(FIFOScheduler):
 
     def __init__(self, board_name: str, searcher, metrics: list[str],
                  modes: list[str], pruner: str, grace_epochs: int, reduction_factor: int,
-                 max_epochs: int, out: str | None = None) -> None:
+                 max_epochs: int, out: str | None = None, limiter=None) -> None:
         super().__init__()
         self.board_name, self.searcher = board_name, searcher
+        self.limiter = limiter  # the ClusterLimiter over `searcher`, if any
         self.out = Path(out) if out is not None else None
         self.metrics = metrics
         self.pruner = pruner
@@ -232,6 +234,8 @@ class PruningScheduler(FIFOScheduler):
             self.asha.on_trial_complete(tune_controller, trial, result)
 
     def on_trial_add(self, tune_controller, trial) -> None:
+        if trial.status == Trial.PENDING:  # an errored trial a resume runs again, for one
+            (self.limiter if self.limiter is not None else self.searcher).reopen(trial.trial_id)
         if self.asha is not None:
             self.asha.on_trial_add(tune_controller, trial)
         for result in self._history(trial.trial_id):

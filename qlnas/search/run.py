@@ -170,11 +170,12 @@ def run_search(space_path: str | Path | None, out: str | Path, resume: bool = Fa
         if space.warm_start:
             searcher._ot_study.add_trials(warm)
             log.info("warm start: %d completed trials of earlier searches", len(warm))
-        scheduler = PruningScheduler(board_name, searcher, metrics, modes, pr.pruner,
-                                     pr.grace_epochs, pr.reduction_factor, epochs, out=str(out))
         # The limit follows the cluster (cluster.py); the budget may grow on resume (budget.py).
-        search_alg = BudgetedSearch(ClusterLimiter(searcher, space.resources),
-                                    str(out / SPACE_JSON), grid)
+        limiter = ClusterLimiter(searcher, space.resources)
+        search_alg = BudgetedSearch(limiter, str(out / SPACE_JSON), grid)
+        scheduler = PruningScheduler(board_name, searcher, metrics, modes, pr.pruner,
+                                     pr.grace_epochs, pr.reduction_factor, epochs, out=str(out),
+                                     limiter=limiter)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,

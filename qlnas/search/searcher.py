@@ -12,7 +12,9 @@ On top of Ray's searcher it
   NSGA-II read, and listed on the leaderboard as `infeasible`;
 - on a resumed search, gives the trials the study holds as RUNNING but the restored searcher
   does not know (asked after Tune's last checkpoint) to the next trials Tune asks for, so the
-  study has neither duplicated nor abandoned trials.
+  study has neither duplicated nor abandoned trials; and gives an errored trial that the
+  resume runs again a new Optuna trial with its parameters (`retry_of` names the one told
+  FAIL, which Optuna keeps), so its result reaches the study.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -162,6 +165,29 @@ class QLOptunaSearch(OptunaSearch):
                 atomic_write_json(data, record)
         log.info("optuna trial %d (was Tune trial %s) continues as %s", trial.number, old,
                  trial_id)
+
+    def reopen(self, trial_id: str) -> bool:
+        """Tune runs the errored trial `trial_id` again (a resumed search): a new Optuna trial
+        with its parameters takes its result, since the one told FAIL cannot. True if so."""
+        told = self._ot_trials.get(trial_id)
+        if told is None:
+            return False
+        frozen = self._ot_study._storage.get_trial(told._trial_id)
+        if frozen.state != optuna.trial.TrialState.FAIL:
+            return False
+        attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ("status", "error")}
+        template = optuna.trial.FrozenTrial(
+            number=-1, state=optuna.trial.TrialState.RUNNING, value=None,
+            datetime_start=datetime.now(), datetime_complete=None, params=frozen.params,
+            distributions=frozen.distributions, user_attrs={**attrs, "retry_of": frozen.number},
+            system_attrs=frozen.system_attrs, intermediate_values={}, trial_id=-1)
+        storage_id = self._ot_study._storage.create_new_trial(self._ot_study._study_id,
+                                                              template_trial=template)
+        self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, storage_id)
+        self._completed_trials.discard(trial_id)
+        log.info("optuna trial %d (told FAIL) runs again as trial %d", frozen.number,
+                 self._ot_trials[trial_id].number)
+        return True
 
     @property
     def metrics(self) -> list[str]:

@@ -48,7 +48,7 @@ def make_search(pruner: str, monkeypatch) -> tuple[QLOptunaSearch, PruningSchedu
 
 def run_trial(searcher, scheduler, board, trial_id: str, curve: list[float]) -> None:
     """Suggest, report `curve` epoch by epoch (ending early once stopped), complete."""
-    trial = SimpleNamespace(trial_id=trial_id)
+    trial = SimpleNamespace(trial_id=trial_id, status="PENDING")  # as Tune adds it
     searcher.suggest(trial_id)
     scheduler.on_trial_add(None, trial)
     result = {}
@@ -144,7 +144,7 @@ def test_a_restarted_driver_rebuilds_asha_and_keeps_the_stops(tmp_path, monkeypa
     assert restored.stops.get("c") == "pruned"
     scheduler = scheduler_for(restored)
     for trial_id in curves:
-        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id, status="PENDING"))
     # A new poor trial meets the rung the others left: pruned (ASHA alone would not judge it).
     board.posts.clear()
     run_trial(restored, scheduler, board, "d", [0.2, 0.2, 0.2])

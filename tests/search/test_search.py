@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from qlnas.search.report import read_history
+
 pytestmark = pytest.mark.slow
 
 # The fixed settings of the test spaces: qlnet26n on the embedded digits, short epochs.
@@ -51,10 +53,11 @@ def write_space(tmp_path, **kw):
     return path
 
 
-def search(*args, timeout=900):
+def search(*args, timeout=900, env=None):
     return subprocess.run([sys.executable, "-m", "qlnas.cli", "search", "--address", "local",
                            *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def trials(out: Path) -> list[dict]:
@@ -122,10 +125,9 @@ resources:
 """
 
 
-def study_trials(out: Path) -> dict:
-    """Tune trial id -> Optuna trial, from the search's study in its storage, opened as a
-    notebook would (`optuna.load_study` with what study.json records). Asserts the study holds
-    each Tune trial once and no trial without one (none lost, none duplicated)."""
+def load_study(out: Path):
+    """The search's study, opened as a notebook would (`optuna.load_study` with what
+    study.json records)."""
     import optuna
 
     ref = json.loads((out / "study.json").read_text())
@@ -133,12 +135,20 @@ def study_trials(out: Path) -> dict:
     if "://" not in storage:
         storage = optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(storage))
-    study = optuna.load_study(study_name=ref["study_name"], storage=storage)
-    ids = [t.user_attrs.get("tune_trial_id") for t in study.trials
-           if t.user_attrs.get("status") != "infeasible"]
+    return optuna.load_study(study_name=ref["study_name"], storage=storage)
+
+
+def study_trials(out: Path) -> dict:
+    """Tune trial id -> Optuna trial. Asserts the study holds each Tune trial once and no
+    trial without one (none lost, none duplicated), leaving out the infeasible and those told
+    FAIL that a resume ran again (another trial's retry_of)."""
+    study = load_study(out)
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    kept = [t for t in study.trials
+            if t.user_attrs.get("status") != "infeasible" and t.number not in retried]
+    ids = [t.user_attrs.get("tune_trial_id") for t in kept]
     assert None not in ids and len(ids) == len(set(ids)), ids
-    return {t.user_attrs["tune_trial_id"]: t for t in study.trials if t.user_attrs.get(
-        "tune_trial_id") and t.user_attrs.get("status") != "infeasible"}
+    return {t.user_attrs["tune_trial_id"]: t for t in kept}
 
 
 def study_states(out: Path) -> dict:
@@ -302,20 +312,31 @@ resources: {workers_per_trial: 1, cpus_per_worker: 1}
 """
 
 
-def test_a_trial_whose_actor_dies_is_errored_in_its_record_and_in_optuna(tmp_path):
-    # Tune tells the searcher before its callbacks: Optuna's copy of the record said "running".
+def test_a_trial_whose_actor_dies_is_errored_in_optuna_and_a_resume_completes_it(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(DYING)
     out = tmp_path / "out"
-    proc = search("--space", str(space), "--out", str(out), timeout=600)
+    proc = search("--space", str(space), "--out", str(out), timeout=600,
+                  env={"QLNAS_TEST_CRASH": "1"})
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "no trial completed (1 trials: 1 errored)" in proc.stderr
     [record] = trials(out)
     assert record["status"] == "errored" and record["model"] is None and record["error"]
-    [ot_trial] = study_trials(out).values()
-    assert ot_trial.state.name == "FAIL"
-    assert ot_trial.user_attrs["status"] == "errored"
-    assert ot_trial.user_attrs["error"] == record["error"]
+    # Tune tells the searcher before its callbacks: Optuna's copy of the record said running.
+    [failed] = study_trials(out).values()
+    assert failed.state.name == "FAIL" and failed.user_attrs["status"] == "errored"
+    assert failed.user_attrs["error"] == record["error"]
+    # --resume runs it again; its result reached no Optuna trial (the FAIL one cannot take it).
+    proc = search("--out", str(out), "--resume", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [record] = trials(out)
+    assert record["status"] == "completed" and record["attempts"] == 2
+    [done] = study_trials(out).values()
+    assert done.state.name == "COMPLETE" and done.user_attrs["retry_of"] == failed.number
+    assert done.params == failed.params and done.user_attrs["status"] == "completed"
+    [*_, last] = read_history(out / "trials" / record["trial_id"] / "run", typed=True)
+    assert done.values == [last["val_top1"]] and last["epoch"] == 1
+    assert load_study(out).trials[failed.number].state.name == "FAIL"  # as Optuna was told
 
 
 PLUGGED = """\
