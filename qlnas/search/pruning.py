@@ -10,6 +10,9 @@
 - `QLOptunaSearch` (searcher.py) tells Optuna a diverged or pruned trial as PRUNED (with its
   intermediate values), so TPE ranks that region below every completed trial.
 
+- Ray's ASHA ranks by one metric; with two or more objectives `ParetoASHA` ranks each rung
+  by Pareto front, so the small end of the front is not stopped for being less accurate.
+
 A trial's objective value is its metric at its last epoch (`report.objective_values`); every
 epoch's value reaches Optuna as an intermediate value, whatever the pruner. A trial that has
 trained all its epochs is never pruned: it is completed, exported and COMPLETE in Optuna.
@@ -170,6 +173,59 @@ def trained_all_epochs(result: dict | None, max_epochs: int) -> bool:
         and int(result.get("epoch", 0)) >= max_epochs
 
 
+class ParetoASHA:
+    """ASHA's rungs for two or more objectives (Ray's ASHA ranks by one metric: with accuracy
+    and parameters, it would stop every small model that is not also among the most accurate,
+    and the search's Pareto front would lose its small end).
+
+    Rungs at grace, grace*rf, grace*rf^2 ... epochs, as Ray's one-bracket ASHA. When a trial
+    reaches a rung, its objectives there are ranked with those the rung recorded before
+    (itself included) by Pareto front, then by the first objective: it continues when no
+    recorded trial dominates it, or when it ranks within the top ceil(n / rf), n the trials
+    recorded; it is stopped otherwise. So one trial alone on a rung continues, as in ASHA.
+    """
+
+    def __init__(self, metrics: list[str], modes: list[str], grace_epochs: int,
+                 reduction_factor: int, max_epochs: int) -> None:
+        self.metrics, self.rf = list(metrics), reduction_factor
+        self.signs = [1.0 if m == "max" else -1.0 for m in modes]  # oriented: larger is better
+        milestones, t = [], max(grace_epochs, 1)
+        while t <= max_epochs:
+            milestones.append(t)
+            t *= reduction_factor
+        self.rungs: dict[int, dict[str, tuple]] = {m: {} for m in milestones}
+
+    def on_result(self, trial_id: str, result: dict) -> bool:
+        """Record the trial at the rung it has reached, if any: True when it should stop."""
+        epoch = int(result.get("epoch", 0))
+        rung = next((m for m in reversed(self.rungs) if epoch >= m
+                     and trial_id not in self.rungs[m]), None)
+        values = [result.get(k) for k in self.metrics]
+        if rung is None or not all(isinstance(v, int | float) and math.isfinite(v)
+                                   for v in values):
+            return False
+        recorded = self.rungs[rung]
+        recorded[trial_id] = tuple(s * float(v) for s, v in zip(self.signs, values, strict=True))
+        fronts = _pareto_fronts(recorded)
+        order = sorted(recorded, key=lambda t: (fronts[t], -recorded[t][0]))
+        return fronts[trial_id] > 0 and order.index(trial_id) >= math.ceil(len(order) / self.rf)
+
+
+def _pareto_fronts(points: dict[str, tuple]) -> dict[str, int]:
+    """Each point's non-dominated front (0: no other point dominates it), larger is better."""
+    def dominates(a: tuple, b: tuple) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+    fronts, left, k = {}, dict(points), 0
+    while left:
+        front = [t for t, p in left.items() if not any(dominates(q, p) for q in left.values())]
+        for t in front:
+            fronts[t] = k
+            del left[t]
+        k += 1
+    return fronts
+
+
 class PruningScheduler(FIFOScheduler):
     """Stops diverged trials at once and poor ones by an Optuna pruner or ASHA, from inside.
 
@@ -194,8 +250,11 @@ class PruningScheduler(FIFOScheduler):
         self.pruner = pruner
         self.grace = grace_epochs
         self.max_epochs = max(max_epochs, 1)
-        self.asha = None
-        if pruner == "asha":
+        self.asha = self.pareto = None
+        if pruner == "asha" and len(metrics) > 1:
+            self.pareto = ParetoASHA(metrics, modes, grace_epochs, reduction_factor,
+                                     self.max_epochs)
+        elif pruner == "asha":
             self.asha = ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0],
                                       max_t=self.max_epochs,
                                       grace_period=min(max(grace_epochs, 1), self.max_epochs),
@@ -225,6 +284,8 @@ class PruningScheduler(FIFOScheduler):
         if self.asha is not None:
             prune = self.asha.on_trial_result(tune_controller, trial, result) \
                 == TrialScheduler.STOP
+        elif self.pareto is not None:
+            prune = self.pareto.on_result(trial.trial_id, result)
         if prune and epoch < self.max_epochs:
             self._stop(trial, "pruned")
         return TrialScheduler.CONTINUE
@@ -243,12 +304,22 @@ class PruningScheduler(FIFOScheduler):
             self.searcher.report_and_ask(trial.trial_id, result, epoch)
             if self.asha is not None:
                 self.asha.on_trial_result(tune_controller, trial, result)
+            elif self.pareto is not None:
+                self.pareto.on_result(trial.trial_id, result)
 
     def _history(self, trial_id: str) -> list[dict]:
-        """The epochs a trial reported before this driver started (its metrics.csv)."""
+        """The epochs a trial reported before this driver started (its metrics.csv), with
+        the model's facts that each report carried (its trial.json: params_m, gmacs)."""
         if self.out is None:
             return []
-        return read_history(self.out / "trials" / trial_id / "run", typed=True)
+        folder = self.out / "trials" / trial_id
+        try:
+            record = json.loads((folder / "trial.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        facts = {k: record[k] for k in ("params_m", "gmacs", "gmacs_224")
+                 if isinstance(record.get(k), int | float)}
+        return [{**facts, **row} for row in read_history(folder / "run", typed=True)]
 
     def on_trial_error(self, tune_controller, trial) -> None:
         if self.out is not None:  # before Tune tells the searcher, which copies the record

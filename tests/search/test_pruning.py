@@ -153,6 +153,76 @@ def test_a_restarted_driver_rebuilds_asha_and_keeps_the_stops(tmp_path, monkeypa
     assert frozen(restored, "c").state == State.PRUNED
 
 
+# (val_top1, params_m) of four trials, one value for every epoch: b is less accurate than a
+# but smaller, c far less accurate but the smallest, d less accurate and larger than b.
+TWO_OBJECTIVES = {"a": (0.8, 10.0), "b": (0.7, 8.0), "c": (0.3, 1.0), "d": (0.2, 9.0),
+                  "e": (0.25, 0.5)}  # e: the least accurate but one, and the smallest
+
+
+def two_objective_search(tmp_path, board_name="board"):
+    searcher = QLOptunaSearch(
+        space=lr_space, metric=["val_top1", "params_m"], mode=["max", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0), max_epochs=EPOCHS,
+        stops=pruning.StopRecords(str(tmp_path)))
+    scheduler = PruningScheduler(board_name, searcher, ["val_top1", "params_m"], ["max", "min"],
+                                 "asha", grace_epochs=1, reduction_factor=3, max_epochs=EPOCHS,
+                                 out=str(tmp_path))
+    return searcher, scheduler
+
+
+def run_two_objective_trial(searcher, scheduler, board, trial_id: str) -> None:
+    top1, params_m = TWO_OBJECTIVES[trial_id]
+    trial = SimpleNamespace(trial_id=trial_id, status="PENDING")
+    searcher.suggest(trial_id)
+    scheduler.on_trial_add(None, trial)
+    for epoch in range(1, EPOCHS + 1):
+        result = {"epoch": epoch, "val_top1": top1, "params_m": params_m, "train_loss": 1.0}
+        scheduler.on_trial_result(None, trial, result)
+        if trial_id in board.posts:
+            break
+    scheduler.on_trial_complete(None, trial, result)
+    searcher.on_trial_complete(trial_id, result)
+
+
+def test_two_objective_asha_keeps_the_pareto_front(tmp_path, monkeypatch):
+    """imagenet100.yaml's shape: ASHA on val_top1 alone stopped c, the smallest model, at the
+    first rung (0.3 is below the rung's top third); only d, which b dominates, is stopped."""
+    board = FakeBoard()
+    monkeypatch.setattr(pruning.ray, "get_actor", lambda name, namespace: board)
+    searcher, scheduler = two_objective_search(tmp_path)
+    for trial_id in "abcd":
+        run_two_objective_trial(searcher, scheduler, board, trial_id)
+    assert board.posts == {"d": "pruned"}
+    for trial_id in "abc":
+        t = frozen(searcher, trial_id)
+        assert t.state == State.COMPLETE and t.values == list(TWO_OBJECTIVES[trial_id])
+    assert frozen(searcher, "d").state == State.PRUNED
+
+
+def test_two_objective_asha_rebuilds_its_rungs_after_a_restart(tmp_path, monkeypatch):
+    """The rungs come back from metrics.csv, with each model's params_m from its trial.json
+    (metrics.csv has no params_m): d still meets the b that dominates it, and e, the
+    smallest yet, continues."""
+    board = FakeBoard()
+    monkeypatch.setattr(pruning.ray, "get_actor", lambda name, namespace: board)
+    searcher, scheduler = two_objective_search(tmp_path)
+    for trial_id in "abc":
+        run_two_objective_trial(searcher, scheduler, board, trial_id)
+        write_metrics(tmp_path, trial_id, [TWO_OBJECTIVES[trial_id][0]] * EPOCHS)
+        (tmp_path / "trials" / trial_id / "trial.json").write_text(json.dumps(
+            {"trial_id": trial_id, "status": "completed",
+             "params_m": TWO_OBJECTIVES[trial_id][1], "gmacs": 0.1}))
+    restored = pickle.loads(pickle.dumps(searcher))
+    _, scheduler = two_objective_search(tmp_path)
+    scheduler.searcher = restored
+    for trial_id in "abc":
+        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id, status="TERMINATED"))
+    run_two_objective_trial(restored, scheduler, board, "d")
+    run_two_objective_trial(restored, scheduler, board, "e")
+    assert board.posts == {"d": "pruned"}
+    assert frozen(restored, "e").state == State.COMPLETE
+
+
 # --- the poll of the stop board, on a real Ray --------------------------------------------
 
 
