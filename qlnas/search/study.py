@@ -116,19 +116,29 @@ def find_study_ref(out: str | Path) -> StudyRef | None:
 
 def prepare_study(name: str, storage: str | None, out: Path) -> StudyRef:
     """The study of a new search, recorded in `out`; refused when its storage already holds a
-    study of that name with trials (one without, left by a search that failed to start, is
-    replaced)."""
+    study of that name in which a trial of its own ran (one where none did, left by a search
+    that failed to start after its enqueued and warm-start trials went in, is replaced)."""
     import optuna
 
     ref = StudyRef(name, absolute_storage(storage, out))
     if ref.exists():
-        if ref.load().get_trials(deepcopy=False):
+        if any(not _never_ran(t) for t in ref.load().get_trials(deepcopy=False)):
             raise UserError(f"search.storage {ref.storage}: already holds a study named "
                             f"{name!r}; set search.study_name to another name, or --resume "
                             "the search that made it")
         optuna.delete_study(study_name=name, storage=ref.open_storage())
     atomic_write_json(ref.to_dict(), out / STUDY_JSON)
     return ref
+
+
+def _never_ran(trial) -> bool:
+    """A trial the search put in before any ran: enqueued and still waiting, or a completed
+    trial copied from an earlier search (`search.warm_start`)."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    return (trial.state == state.WAITING and trial.user_attrs.get("enqueued")) \
+        or (trial.state == state.COMPLETE and "warm_start_from" in trial.user_attrs)
 
 
 def tune_trials(study) -> dict[str, object]:

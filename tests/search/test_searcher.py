@@ -145,6 +145,25 @@ def test_an_infeasible_configuration_is_told_and_never_returned(tmp_path):
             assert trial.state == State.RUNNING
 
 
+def test_a_study_left_by_a_search_that_failed_to_start_is_replaced(tmp_path):
+    # Its enqueued trials (WAITING) and warm-start copies went in before the first trial ran:
+    # the same command again was refused ("already holds a study"), and --resume had nothing.
+    url = f"sqlite:///{tmp_path}/search.db"
+    lr = optuna.distributions.FloatDistribution(0.1, 1.0)
+    ref = prepare_study("s", url, tmp_path)
+    study = optuna.create_study(study_name="s", storage=ref.open_storage(), direction="maximize")
+    study.enqueue_trial({"lr": 0.5}, user_attrs={"enqueued": True})
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.2}, distributions={"lr": lr},
+                                              value=0.4, user_attrs={"warm_start_from": "x"}))
+    assert prepare_study("s", url, tmp_path) == ref
+    assert not ref.exists()  # replaced: the new search creates it afresh
+    study = optuna.create_study(study_name="s", storage=ref.open_storage(), direction="maximize")
+    study.enqueue_trial({"lr": 0.5}, user_attrs={"enqueued": True})
+    study.ask()  # the enqueued trial ran: RUNNING, the search's own
+    with pytest.raises(UserError, match="already holds a study named 's'"):
+        prepare_study("s", url, tmp_path)
+
+
 def test_warm_start_adds_the_completed_trials_of_a_compatible_search(tmp_path):
     earlier = tmp_path / "earlier"
     earlier.mkdir()
