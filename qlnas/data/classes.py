@@ -18,24 +18,50 @@ def classes_path(beton_path: str | os.PathLike) -> Path:
 
 
 def write_classes(beton_path: str | os.PathLike, classes: list[str],
-                  conversions: dict[str, Any] | None = None) -> None:
+                  conversions: dict[str, Any] | None = None,
+                  of: str | os.PathLike | None = None) -> None:
     """Store the class names in label order beside `beton_path`, and the writer's
-    `conversions` (`qlnas.data.folder.conversion_counts`) when given."""
+    `conversions` (`qlnas.data.folder.conversion_counts`) when given. `of`, the file they
+    belong to (the writer's temporary one), is fingerprinted so that a reader can tell a
+    list of another write."""
     data: dict[str, Any] = {"classes": list(classes)}
     if conversions is not None:
         data["conversions"] = conversions
+    if of is not None:
+        data["beton"] = fingerprint(of)
     atomic_write_json(data, classes_path(beton_path))
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Size and a hash of the last 64 KiB: FFCV puts the allocation table (each sample's
+    place and byte count) at the end, so two writes of one size differ there."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (64 << 10)))
+        return f"{size}:{hashlib.sha1(f.read()).hexdigest()}"
 
 
 def _read(beton_path: str | os.PathLike) -> tuple[Path, Any]:
     path = classes_path(beton_path)
     try:
-        return path, json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: class list not found (write the dataset with "
                         "'qlnas data write')") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+    # The list is renamed into place just before the file: a write killed between the two
+    # (with --overwrite) leaves the new list beside the old file.
+    written_for = data.get("beton") if isinstance(data, dict) else None
+    if isinstance(written_for, str) and os.path.isfile(beton_path) \
+            and fingerprint(beton_path) != written_for:
+        raise UserError(f"{path}: written for another {Path(beton_path).name} than the one "
+                        "beside it (size or allocation table differ): the two are from "
+                        "different writes (one killed while replacing it?); write it again "
+                        "with --overwrite")
+    return path, data
 
 
 def same_classes(train: str | os.PathLike, val: str | os.PathLike) -> list[str]:

@@ -217,5 +217,5 @@ def write_beton(src: str | os.PathLike, out: str | os.PathLike, *, max_res: int 
             raise UserError(f"{src}: {dataset.failures.value} image(s) failed to decode or "
                             "encode while writing (named above; files changed during the "
                             "write?)")
-        write_classes(out, classes, conversions)
+        write_classes(out, classes, conversions, of=tmp)
     return WriteResult(out, classes, len(samples), skipped, conversions)

@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,26 @@ def test_smart_threshold_zero_stores_every_image_as_jpeg(tmp_path):
     write_beton(src, out, workers=1, max_res=64, write_mode="smart", smart_threshold=0)
     metadata = Reader(str(out)).metadata
     assert (metadata["f0"]["mode"] == 0).all()  # 0: JPEG in FFCV's RGBImageField
+
+
+def test_a_class_list_from_another_write_is_refused(tmp_path):
+    # An --overwrite killed between the two renames: the new class list, the old file.
+    out = tmp_path / "out.beton"
+    write_beton(make_tree(tmp_path / "old", {"a": 2, "b": 2}), out, workers=1)
+    other = tmp_path / "other.beton"
+    write_beton(make_tree(tmp_path / "new", {"c": 3}), other, workers=1)
+    assert read_classes(out) == ["a", "b"]
+    shutil.copy(f"{other}.classes.json", f"{out}.classes.json")
+    with pytest.raises(UserError, match=re.escape(
+            f"{out}.classes.json: written for another out.beton than the one beside it")):
+        read_classes(out)
+    # One of the same size, same classes and sample count: its allocation table tells it.
+    write_beton(make_tree(tmp_path / "same", {"a": 2, "b": 2}, seed=1), other, workers=1,
+                overwrite=True)
+    assert other.stat().st_size == out.stat().st_size
+    shutil.copy(f"{other}.classes.json", f"{out}.classes.json")
+    with pytest.raises(UserError, match="written for another out.beton"):
+        read_classes(out)
 
 
 def test_refuses_to_overwrite(tmp_path):
