@@ -32,7 +32,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from qlnas.fileio import atomic_write_json
-from qlnas.search.report import read_history
+from qlnas.search.report import read_history, read_record
 
 log = logging.getLogger(__name__)
 
@@ -313,10 +313,7 @@ class PruningScheduler(FIFOScheduler):
         if self.out is None:
             return []
         folder = self.out / "trials" / trial_id
-        try:
-            record = json.loads((folder / "trial.json").read_text())
-        except (OSError, ValueError):
-            record = {}
+        record = read_record(folder)
         facts = {k: record[k] for k in ("params_m", "gmacs", "gmacs_224")
                  if isinstance(record.get(k), int | float)}
         return [{**facts, **row} for row in read_history(folder / "run", typed=True)]

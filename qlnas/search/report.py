@@ -37,6 +37,14 @@ def _label(trial: dict) -> str:
     return trial.get("model", "?")
 
 
+def read_record(trial_dir: Path) -> dict:
+    """A trial's record (its trial.json); {} when it has none yet or it cannot be read."""
+    try:
+        return json.loads((trial_dir / "trial.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def read_history(run_dir: Path, typed: bool = False) -> list[dict]:
     """A run's epochs from its metrics.csv (`typed`: numbers and booleans, not strings)."""
     path = run_dir / "metrics.csv"

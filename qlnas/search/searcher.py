@@ -33,7 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 from qlnas.errors import UserError
 from qlnas.fileio import atomic_write_json
 from qlnas.search.pruning import StopRecords, trained_all_epochs
-from qlnas.search.report import objective_values, read_history
+from qlnas.search.report import objective_values, read_history, read_record
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +244,8 @@ class QLOptunaSearch(OptunaSearch):
         """The trial's record (trials/<id>/trial.json) and learning curve as user attrs."""
         if self.out is None:
             return
-        path = self.out / "trials" / trial_id / "trial.json"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+        record = read_record(self.out / "trials" / trial_id)
+        if not record:
             return
         source = record.get("reused_from") or trial_id
         curve = [row.get("val_top1") for row in

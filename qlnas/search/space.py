@@ -361,7 +361,7 @@ def load_space(path: str | Path) -> SearchSpace:
     raw_conditions = raw.get("conditions") or []
     if not isinstance(raw_conditions, list):
         raise c.fail("conditions", "expected a list of {when, set}")
-    names = {p.name for p in params}
+    by_name = {p.name: p for p in params}
     for i, cond in enumerate(raw_conditions):
         cond = c.mapping(cond, f"conditions[{i}]", ("when", "set"))
         when = c.mapping(cond.get("when"), f"conditions[{i}].when")
@@ -369,12 +369,11 @@ def load_space(path: str | Path) -> SearchSpace:
         if not when or not sets:
             raise c.fail(f"conditions[{i}]", "needs a non-empty when and a non-empty set")
         for k in list(when) + list(sets):
-            if k not in names:
+            if k not in by_name:
                 raise c.fail(f"conditions[{i}]", f"{k!r} is not a sampled parameter")
         both = set(when) & set(sets)
         if both:
             raise c.fail(f"conditions[{i}]", f"{sorted(both)[0]!r} is both in when and in set")
-        by_name = {p.name: p for p in params}
         when = {k: v if isinstance(v, list) else [v] for k, v in when.items()}
         for k, listed in when.items():
             for v in listed:
@@ -592,13 +591,14 @@ def _condition_order(c: _Checker, params: list, conditions: list) -> list:
             after[name] |= set(cond.when)
     if "act" in after and "act_at" in after:
         after["act_at"].add("act")
-    ordered, left = [], list(params)
+    ordered, done, left = [], set(), list(params)
     while left:
-        ready = next((p for p in left if after[p.name] <= {q.name for q in ordered}), None)
+        ready = next((p for p in left if after[p.name] <= done), None)
         if ready is None:
             raise c.fail("conditions", "they depend on each other in a cycle among "
                          + ", ".join(p.name for p in left))
         ordered.append(ready)
+        done.add(ready.name)
         left.remove(ready)
     return ordered
 

@@ -17,6 +17,7 @@ from qlnas.errors import UserError
 from qlnas.fileio import atomic_write_json
 from qlnas.search.plugins import import_modules
 from qlnas.search.pruning import StopRecords
+from qlnas.search.report import read_record
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def trial_driver(params: dict, settings: dict) -> None:
     import_modules(space.imports, f"{space.path}: imports")
     root = Path(settings["out"])
     out = root / "trials" / trial_id
-    previous = _previous_record(out)
+    previous = read_record(out)
     record = {"trial_id": trial_id, "params": params, "spec": None, "model": None,
               "params_m": None, "gmacs": None, "started": previous.get("started", time.time()),
               "status": "running", "attempts": previous.get("attempts", 0) + 1,
@@ -145,7 +146,7 @@ def _reuse(root: Path, key: str, owner: str, trial_id: str, facts: dict) -> str 
     log.info("trial %s: the same configuration as trial %s; reusing its result", trial_id,
              owner)
     while True:
-        other = _previous_record(root / "trials" / owner)
+        other = read_record(root / "trials" / owner)
         if other.get("status") not in (None, "running"):
             break
         time.sleep(2)
@@ -203,17 +204,6 @@ def error_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _previous_record(out: Path) -> dict:
-    """The trial's record from an earlier attempt (a Tune retry or a resumed search)."""
-    path = out / "trial.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-    return {}
-
-
 def _model_facts(train_cfg, world_size: int) -> tuple[dict | None, dict]:
     """Spec and facts (parameters in M, GMACs at the trial's resolution and at 224 px) of a
     trial's model, its config checked as `fit` checks it, before any worker starts."""
@@ -265,7 +255,7 @@ def record_failure(root: Path, trial) -> None:
     Optuna's copy of the record (user attrs) then says errored too, with the error.
     """
     out = root / "trials" / trial.trial_id
-    record = _previous_record(out)
+    record = read_record(out)
     if record.get("status") not in (None, "running"):
         return
     try:
